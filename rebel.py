@@ -62,6 +62,7 @@ class Config:
     total_episodes: int = arg(60000, "pairs to train on in total (updates = total_episodes // batch_size)")
     batch_size: int = arg(128, "pairs per update, over all processes")
     micro_batch_size: int = arg(2, "pairs per forward per process (2 sequences each)")
+    eval_micro_batch_size: int = arg(8, "pairs per forward per process in the no-grad reference and eval passes")
     max_prompt_len: int = arg(1024, "drop pairs whose templated prompt is longer (tokens)")
     max_response_len: int = arg(2048, "drop pairs with a longer response (tokens, end-of-turn included)")
     max_grad_norm: float = arg(0.0, "clip the gradient norm to this; 0 = no clipping (the paper)")
@@ -189,3 +190,426 @@ def compute_dtype(name, device):
     if name not in ("bfloat16", "float16", "float32"):
         fail(f"--dtype must be auto, bfloat16, float16 or float32, got {name!r}")
     return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------- data
+
+def pick_column(columns, names, where):
+    for name in names:
+        if name in columns:
+            return name
+    fail(f"{where}: missing column {' or '.join(map(repr, names))} (columns: {', '.join(columns)})")
+
+
+def tokenize_pairs(rows, tokenizer, where):
+    """Chat-template each pair. prompt ids = template of the user turn(s) + generation prompt; response ids = the tokens
+    the template adds for the assistant turn, end-of-turn token included. Rewards are checked here, before any model work.
+    Returns one dict per row, `index` being its row in the input split."""
+    cols = rows.column_names
+    prompt_col = pick_column(cols, ["prompt"], where)
+    chosen_col = pick_column(cols, ["chosen"], where)
+    rejected_col = pick_column(cols, ["rejected", "reject"], where)
+    chosen_reward_col = pick_column(cols, ["chosen_reward"], where)
+    rejected_reward_col = pick_column(cols, ["rejected_reward", "reject_reward"], where)
+    pairs = []
+    for i, row in enumerate(tqdm(rows, desc=f"tokenize {where}", unit="pair", disable=len(rows) < 1000)):
+        rewards = []
+        for col in (chosen_reward_col, rejected_reward_col):
+            value = row[col]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(f"{where} row {i}: column {col!r} must be a finite number, got {value!r}")
+            rewards.append(float(value))
+        messages = chat_messages(row[prompt_col], f"{where} row {i}")
+        prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        responses = []
+        for col in (chosen_col, rejected_col):
+            if not isinstance(row[col], str):
+                fail(f"{where} row {i}: column {col!r} must be a string (the assistant's response), got {type(row[col]).__name__}")
+            full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": row[col]}], tokenize=False)
+            full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+            if full_ids[:len(prompt_ids)] != prompt_ids:
+                fail(f"{where} row {i}: the templated prompt is not a prefix of the templated conversation; "
+                     "this chat template cannot be split into prompt and response tokens")
+            responses.append(full_ids[len(prompt_ids):])
+        pairs.append(dict(index=i, prompt_ids=prompt_ids, chosen_ids=responses[0], rejected_ids=responses[1],
+                          chosen_reward=rewards[0], rejected_reward=rewards[1]))
+    return pairs
+
+
+def filter_by_length(pairs, max_prompt_len, max_response_len, where):
+    """Drop pairs over the limits (like the authors' filter) and say how many and why."""
+    too_long_prompt = [p for p in pairs if len(p["prompt_ids"]) > max_prompt_len]
+    too_long_response = [p for p in pairs if len(p["prompt_ids"]) <= max_prompt_len
+                         and max(len(p["chosen_ids"]), len(p["rejected_ids"])) > max_response_len]
+    kept = [p for p in pairs if len(p["prompt_ids"]) <= max_prompt_len
+            and max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= max_response_len]
+    if too_long_prompt or too_long_response:
+        print0(f"{where}: dropped {len(too_long_prompt)} pairs with prompt > {max_prompt_len} tokens and "
+               f"{len(too_long_response)} with a response > {max_response_len} tokens; {len(kept)} of {len(pairs)} kept")
+    if not kept:
+        fail(f"{where}: no pair left after the length filter (max_prompt_len={max_prompt_len}, max_response_len={max_response_len})")
+    return kept
+
+
+def pair_tokens(pair):
+    return 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+
+
+def epoch_order(num_pairs, seed, epoch):
+    """A permutation of the pairs that depends only on (seed, epoch): never on the number of processes."""
+    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def global_batch(num_pairs, batch_size, update, seed):
+    """Pair positions of update `update` (0-based): consecutive slices of an endless stream of seeded epoch permutations."""
+    stream_start = update * batch_size
+    positions = []
+    while len(positions) < batch_size:
+        epoch, offset = divmod(stream_start + len(positions), num_pairs)
+        positions += epoch_order(num_pairs, seed, epoch)[offset:offset + batch_size - len(positions)]
+    return positions
+
+
+def micro_batches(pairs, positions, micro_batch_size):
+    """Sort a batch by length and cut it into micro-batches, so each pads only to a similar neighbour's length."""
+    ordered = sorted(positions, key=lambda i: (pair_tokens(pairs[i]), i))
+    return [[pairs[i] for i in ordered[s:s + micro_batch_size]] for s in range(0, len(ordered), micro_batch_size)]
+
+
+def for_rank(batches, rank, world_size):
+    """Deal micro-batches round-robin (they are sorted by length, so ranks get similar work). Every rank must run the
+    same number of forwards under FSDP, so short ranks get `None` placeholders: run them as dummies, drop the result."""
+    mine = batches[rank::world_size]
+    return mine + [None] * (math.ceil(len(batches) / world_size) - len(mine))
+
+
+def collate(pairs, pad_id):
+    """Chosen sequences then rejected ones, right-padded to the longest in this micro-batch only. `response_mask` marks
+    the tokens whose log-prob counts: every response token, end-of-turn included."""
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    width = max(len(q) + len(r) for q, r in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (q, r) in enumerate(sequences):
+        input_ids[row, :len(q) + len(r)] = torch.tensor(q + r)
+        attention_mask[row, :len(q) + len(r)] = 1
+        response_mask[row, len(q):len(q) + len(r)] = True
+    return input_ids, attention_mask, response_mask
+
+
+# ----------------------------------------------------------------------------- log-probs and the loss
+
+def token_logprobs(hidden, weight, targets, temperature):
+    """log softmax(h·Wᵀ / T)[target] for a chunk of positions, in fp32."""
+    logits = F.linear(hidden, weight).float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def response_logprobs(self, input_ids, attention_mask, response_mask, temperature, chunk_size):
+    """Sum of log πθ(token | prefix) over each sequence's response tokens. A method of the policy (registered with FSDP
+    so the root's parameters are gathered): the full-vocabulary logits are never built for all positions, only for
+    response positions, `chunk_size` at a time, each chunk recomputed in backward instead of stored."""
+    hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    predicts = response_mask[:, 1:]                      # position t predicts token t+1
+    hidden = hidden[:, :-1][predicts]                    # [response tokens, hidden]
+    targets = input_ids[:, 1:][predicts]
+    rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(predicts)[predicts]
+    weight = self.get_output_embeddings().weight
+    pieces = []
+    for s in range(0, len(targets), chunk_size):
+        args = (hidden[s:s + chunk_size], weight, targets[s:s + chunk_size], temperature)
+        pieces.append(torch.utils.checkpoint.checkpoint(token_logprobs, *args, use_reentrant=False)
+                      if torch.is_grad_enabled() else token_logprobs(*args))
+    per_token = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, per_token)
+
+
+def rebel_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, reward_chosen, reward_rejected, eta):
+    """Per-pair squared regression error: the REBEL update, Eq. (1) of Gao et al. 2024, times η² (the authors' code
+    form; same minimiser): ((ln πθ(y|x)/πref(y|x) − ln πθ(y'|x)/πref(y'|x)) − η·(r(x,y) − r(x,y')))²."""
+    logratio_diff = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
+    return (logratio_diff - eta * (reward_chosen - reward_rejected)) ** 2
+
+
+@torch.no_grad()
+def all_logprobs(model, pairs, cfg, rank, world_size, device, pad_id, desc):
+    """{row index: (log π(chosen), log π(rejected))} for every pair, micro-batches sharded over processes, gathered."""
+    batches = micro_batches(pairs, range(len(pairs)), cfg.eval_micro_batch_size)
+    mine, results = for_rank(batches, rank, world_size), []
+    for batch in tqdm(mine, desc=desc, unit="batch", disable=rank != 0, leave=False):
+        tensors = [t.to(device) for t in collate(batch or batches[0], pad_id)]
+        logps = model.response_logprobs(*tensors, cfg.temperature, cfg.logprob_chunk).tolist()
+        if batch is not None:
+            results += [(p["index"], c, r) for p, c, r in zip(batch, logps[:len(batch)], logps[len(batch):])]
+    model.reshard()  # FSDP keeps the root unsharded after a forward with no backward; the optimizer needs the shards
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, results)
+    return {index: (c, r) for part in gathered for index, c, r in part}
+
+
+def fingerprint(cfg, compute_dtype, splits):
+    """What the reference log-probs depend on: the starting model, the pairs' tokens, the temperature and dtype."""
+    h = hashlib.sha256(json.dumps([cfg.model, cfg.temperature, str(compute_dtype)]).encode())
+    for name in ("config.json", "model.safetensors.index.json", "model.safetensors"):  # a local model's files
+        path = os.path.join(cfg.model, name)
+        if os.path.isfile(path):
+            h.update(f"{name}:{os.path.getsize(path)}:{os.path.getmtime(path)}".encode())
+    for split, pairs in splits.items():
+        h.update(split.encode())
+        for p in pairs:
+            h.update(np.asarray([p["index"], -1, *p["prompt_ids"], -1, *p["chosen_ids"], -1, *p["rejected_ids"]], np.int64).tobytes())
+    return h.hexdigest()
+
+
+def reference_logprobs(model, splits, cfg, rank, world_size, device, pad_id, compute_dtype):
+    """log πref of every train and eval pair, under the starting policy, with the same code as training. Cached as
+    output_dir/ref_logprobs.jsonl (one row per pair) and reused when the model and the data are unchanged."""
+    path, meta_path = os.path.join(cfg.output_dir, "ref_logprobs.jsonl"), os.path.join(cfg.output_dir, "ref_logprobs.meta.json")
+    key = fingerprint(cfg, compute_dtype, splits)
+    if os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == key:
+        ref = {split: {} for split in splits}
+        for line in open(path):
+            row = json.loads(line)
+            ref[row["split"]][row["index"]] = (row["chosen_logprob"], row["rejected_logprob"])
+        print0(f"reference log-probs: reusing {path}")
+        return ref
+    start = time.time()
+    ref = {split: all_logprobs(model, pairs, cfg, rank, world_size, device, pad_id, f"reference log-probs ({split})")
+           for split, pairs in splits.items()}
+    if rank == 0:
+        rows = [dict(split=split, index=i, chosen_logprob=c, rejected_logprob=r)
+                for split in ref for i, (c, r) in sorted(ref[split].items())]
+        atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write(meta_path, json.dumps(dict(fingerprint=key, model=cfg.model, temperature=cfg.temperature,
+                                                dtype=str(compute_dtype), pairs={s: len(p) for s, p in splits.items()})))
+    n = sum(len(p) for p in splits.values())
+    print0(f"reference log-probs: {n} pairs in {time.time() - start:.1f}s ({n / (time.time() - start):.1f} pairs/s) -> {path}")
+    return ref
+
+
+def evaluate(model, pairs, ref, cfg, rank, world_size, device, pad_id):
+    """Validation loss and sign agreement: the fraction of pairs whose chosen-minus-rejected log-ratio has the sign of Δr."""
+    logps = all_logprobs(model, pairs, cfg, rank, world_size, device, pad_id, "eval")
+    logp_c, logp_r, ref_c, ref_r = (torch.tensor([v[p["index"]][k] for p in pairs], dtype=torch.float64)
+                                    for v, k in ((logps, 0), (logps, 1), (ref, 0), (ref, 1)))
+    reward_c, reward_r = (torch.tensor([p[k] for p in pairs], dtype=torch.float64) for k in ("chosen_reward", "rejected_reward"))
+    loss = rebel_loss(logp_c, logp_r, ref_c, ref_r, reward_c, reward_r, cfg.eta).mean().item()
+    logratio_diff = (logp_c - ref_c) - (logp_r - ref_r)
+    sign_align = ((logratio_diff * (reward_c - reward_r)) > 0).double().mean().item()
+    return dict(val_loss=loss, sign_align=sign_align)
+
+
+def lr_at(update, num_updates, cfg):
+    """Linear warm-up over the first warmup_ratio of the updates, then cosine decay to 0."""
+    warmup = int(cfg.warmup_ratio * num_updates)
+    if update < warmup:
+        return cfg.lr * (update + 1) / warmup
+    progress = (update - warmup) / max(1, num_updates - warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(output_dir):
+    done = [d for d in glob.glob(os.path.join(output_dir, "checkpoints", "update_*"))
+            if not d.endswith(".partial") and os.path.exists(os.path.join(d, "train_state.json"))]
+    return max(done, key=lambda d: int(d.rsplit("_", 1)[1]), default=None)
+
+
+def save_checkpoint(model, optimizer, update, cfg, rank):
+    """A resumable, sharded checkpoint (torch.distributed.checkpoint). Written to a .partial folder and renamed when
+    complete, so a crash while saving leaves the previous checkpoint usable; older ones are removed afterwards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = os.path.join(cfg.output_dir, "checkpoints", f"update_{update:06d}")
+    partial = final + ".partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+    if rank == 0:
+        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   os.path.join(partial, "rng.pt"))
+        atomic_write(os.path.join(partial, "train_state.json"),
+                     json.dumps(dict(update=update, pairs_seen=update * cfg.batch_size, seed=cfg.seed)))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in glob.glob(os.path.join(cfg.output_dir, "checkpoints", "update_*")):
+            if old != final and not old.endswith(".partial"):
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(model, optimizer, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.load(open(os.path.join(path, "train_state.json")))["update"]
+
+
+def save_final(model, tokenizer, cfg, save_dtype, rank):
+    """A consolidated Hugging Face checkpoint (safetensors + tokenizer) loadable by from_pretrained, vLLM, lm-eval."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final = os.path.join(cfg.output_dir, "final")
+    if rank == 0:
+        partial = final + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, state_dict={k: v.to(save_dtype) for k, v in state.items()})
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    dist.barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(cfg):
+    rank, world_size, device = init_distributed()
+    per_update = cfg.micro_batch_size * world_size
+    if cfg.batch_size % per_update:
+        fail(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size × processes = "
+             f"{cfg.micro_batch_size} × {world_size} = {per_update}")
+    accumulation = cfg.batch_size // per_update
+    num_updates = cfg.total_episodes // cfg.batch_size
+    if num_updates < 1:
+        fail(f"--total_episodes {cfg.total_episodes} is less than one batch of {cfg.batch_size} pairs")
+    dtype = compute_dtype(cfg.dtype, device)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+
+    # data: read, validate and tokenise everything before the model is loaded
+    tokenizer = load_tokenizer(cfg.model)
+    single_file = os.path.isfile(cfg.dataset)  # one data file is one split: train on it, hold out the eval pairs
+    train_rows = load_split(cfg.dataset, "train" if single_file else cfg.train_split)
+    if train_rows is None:
+        fail(f"dataset {cfg.dataset!r} has no split {cfg.train_split!r}")
+    eval_rows = None if single_file else load_split(cfg.dataset, cfg.eval_split)
+    held_out = set()
+    if eval_rows is None and cfg.eval_size > 0:  # hold out a seeded eval set from the train split, never trained on
+        if cfg.eval_size >= len(train_rows):
+            fail(f"--eval_size {cfg.eval_size} leaves nothing to train on ({len(train_rows)} rows in {cfg.train_split!r})")
+        held_out = set(torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.eval_size].tolist())
+        print0(f"no split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of {cfg.train_split!r} for eval")
+    all_train = tokenize_pairs(train_rows, tokenizer, f"{cfg.dataset}[{cfg.train_split}]")
+    train_pairs = [p for p in all_train if p["index"] not in held_out]
+    eval_pairs = [p for p in all_train if p["index"] in held_out]
+    if eval_rows is not None:
+        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]")
+    train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
+    if eval_pairs:
+        eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
+    splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
+    mean_tokens = sum(map(pair_tokens, train_pairs)) / len(train_pairs)
+    print0(f"processes {world_size} | device {device.type} | compute dtype {dtype} | train pairs {len(train_pairs)} | "
+           f"eval pairs {len(eval_pairs)} | mean tokens per pair {mean_tokens:.0f}\n"
+           f"updates {num_updates} of {cfg.batch_size} pairs = {cfg.micro_batch_size} per forward × {accumulation} "
+           f"accumulation × {world_size} processes | warm-up {int(cfg.warmup_ratio * num_updates)} updates | "
+           f"epochs {num_updates * cfg.batch_size / len(train_pairs):.2f}")
+
+    # model: fp32 master weights, FSDP2 on every decoder layer then the root; bf16 compute on GPU
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from transformers import AutoConfig, AutoModelForCausalLM
+    save_dtype = getattr(AutoConfig.from_pretrained(cfg.model), "dtype", None) or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    for module in model.modules():  # no dropout, as in the paper: log-probs must be deterministic
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=mixed_precision)
+    fully_shard(model, mp_policy=mixed_precision)
+    model.to(device)
+    model.response_logprobs = response_logprobs.__get__(model)
+    register_fsdp_forward_method(model, "response_logprobs")
+    pad_id = tokenizer.pad_token_id
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    ref = reference_logprobs(model, splits, cfg, rank, world_size, device, pad_id, dtype)
+    start_update = 0
+    if cfg.resume and (checkpoint := latest_checkpoint(cfg.output_dir)):
+        start_update = load_checkpoint(model, optimizer, checkpoint)
+        print0(f"resumed from {checkpoint} at update {start_update}")
+    elif cfg.resume:
+        print0(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints, starting from scratch")
+    if rank == 0:  # drop records of updates after the checkpoint, so that none is duplicated
+        old = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in old if cfg.resume and r["update"] <= start_update))
+
+    def log_eval(update):
+        if eval_pairs:
+            record = dict(update=update, **evaluate(model, eval_pairs, ref["eval"], cfg, rank, world_size, device, pad_id))
+            print0(f"eval @ update {update}: val_loss {record['val_loss']:.4g} | sign_align {record['sign_align']:.3f}")
+            if rank == 0:
+                append_jsonl(metrics_path, record)
+
+    if start_update == 0:
+        log_eval(0)
+    bar = tqdm(range(start_update, num_updates), desc="updates", unit="update", disable=rank != 0,
+               initial=start_update, total=num_updates)
+    for update in bar:
+        start = time.time()
+        lr = lr_at(update, num_updates, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        positions = global_batch(len(train_pairs), cfg.batch_size, update, cfg.seed)
+        stats = torch.zeros(4, dtype=torch.float64)  # Σ loss, Σ chosen log-ratio, Σ rejected log-ratio, tokens
+        for batch in micro_batches(train_pairs, positions, cfg.micro_batch_size)[rank::world_size]:
+            input_ids, attention_mask, response_mask = (t.to(device) for t in collate(batch, pad_id))
+            logps = model.response_logprobs(input_ids, attention_mask, response_mask, cfg.temperature, cfg.logprob_chunk)
+            ref_c, ref_r = (torch.tensor([ref["train"][p["index"]][k] for p in batch], device=device) for k in (0, 1))
+            reward_c, reward_r = (torch.tensor([p[k] for p in batch], device=device)
+                                  for k in ("chosen_reward", "rejected_reward"))
+            losses = rebel_loss(logps[:len(batch)], logps[len(batch):], ref_c, ref_r, reward_c, reward_r, cfg.eta)
+            # this rank's share of the batch mean; FSDP averages gradients over ranks, giving the global batch mean
+            (losses.sum() / (cfg.batch_size // world_size)).backward()
+            stats += torch.tensor([losses.sum().item(), (logps[:len(batch)] - ref_c).sum().item(),
+                                   (logps[len(batch):] - ref_r).sum().item(), attention_mask.sum().item()], dtype=torch.float64)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        dist.all_reduce(stats)
+        loss = stats[0].item() / cfg.batch_size
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            fail(f"non-finite loss {loss} (grad norm {grad_norm}) at update {update + 1}; stopping without saving "
+                 f"(last good checkpoint: {latest_checkpoint(cfg.output_dir)})")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.time() - start
+        record = dict(update=update + 1, loss=loss, logratio_chosen=stats[1].item() / cfg.batch_size,
+                      logratio_rejected=stats[2].item() / cfg.batch_size, lr=lr, grad_norm=grad_norm,
+                      pairs_per_s=cfg.batch_size / seconds, tokens_per_s=stats[3].item() / seconds,
+                      pairs_seen=(update + 1) * cfg.batch_size)
+        if rank == 0:
+            append_jsonl(metrics_path, record)
+            bar.set_postfix(loss=f"{loss:.3g}", pairs_s=f"{record['pairs_per_s']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            tqdm.write(f"update {update + 1}/{num_updates} | loss {loss:.4g} | logratio chosen {record['logratio_chosen']:+.4f} "
+                       f"rejected {record['logratio_rejected']:+.4f} | lr {lr:.3g} | grad norm {grad_norm:.3g} | "
+                       f"{record['pairs_per_s']:.2f} pairs/s | {record['tokens_per_s']:.0f} tokens/s")
+        if (cfg.eval_every and (update + 1) % cfg.eval_every == 0) or update + 1 == num_updates:
+            log_eval(update + 1)
+        if (cfg.save_every and (update + 1) % cfg.save_every == 0) or update + 1 == num_updates:
+            save_checkpoint(model, optimizer, update + 1, cfg, rank)
+    bar.close()
+    if cfg.save_final:
+        print0(f"final model -> {save_final(model, tokenizer, cfg, save_dtype, rank)}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
