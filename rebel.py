@@ -73,6 +73,7 @@ class Config:
     eval_every: int = arg(50, "evaluate every this many updates (and at start and end); 0 = only at start and end")
     save_every: int = arg(100, "resumable checkpoint every this many updates; 0 = only at the end")
     resume: bool = arg(False, "continue from the last checkpoint in output_dir")
+    stop_after: int = arg(0, "end this run after this many updates, with a checkpoint (e.g. a job's time limit); 0 = run to the end")
     save_final: bool = arg(True, "write a consolidated Hugging Face model to output_dir/final")
 
 
@@ -502,7 +503,7 @@ def main(cfg):
         if cfg.eval_size >= len(train_rows):
             fail(f"--eval_size {cfg.eval_size} leaves nothing to train on ({len(train_rows)} rows in {cfg.train_split!r})")
         held_out = set(torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.eval_size].tolist())
-        print0(f"no split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of {cfg.train_split!r} for eval")
+        print0(f"no split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of the train data for eval")
     all_train = tokenize_pairs(train_rows, tokenizer, f"{cfg.dataset}[{cfg.train_split}]")
     train_pairs = [p for p in all_train if p["index"] not in held_out]
     eval_pairs = [p for p in all_train if p["index"] in held_out]
@@ -603,8 +604,13 @@ def main(cfg):
                        f"{record['pairs_per_s']:.2f} pairs/s | {record['tokens_per_s']:.0f} tokens/s")
         if (cfg.eval_every and (update + 1) % cfg.eval_every == 0) or update + 1 == num_updates:
             log_eval(update + 1)
-        if (cfg.save_every and (update + 1) % cfg.save_every == 0) or update + 1 == num_updates:
+        stop = update + 1 - start_update == cfg.stop_after
+        if (cfg.save_every and (update + 1) % cfg.save_every == 0) or update + 1 == num_updates or stop:
             save_checkpoint(model, optimizer, update + 1, cfg, rank)
+        if stop and update + 1 < num_updates:
+            print0(f"stopping after {cfg.stop_after} updates (--stop_after); continue with the same command and --resume")
+            dist.destroy_process_group()
+            return
     bar.close()
     if cfg.save_final:
         print0(f"final model -> {save_final(model, tokenizer, cfg, save_dtype, rank)}")

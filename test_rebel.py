@@ -66,3 +66,241 @@ def make_model(path, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, vocab_siz
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return make_model(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+# ----------------------------------------------------------------------------- rebel.py
+
+WORDS = "the quick brown fox jumps over a lazy dog while sea and sky and wind are blue answer question".split()
+
+
+def write_pairs(path, n=40, seed=0, schema="common", message_prompts=False):
+    """Preference pairs of random words in the common schema (rejected, rejected_reward) or Cornell-AGI's (reject...)."""
+    import random
+    rng = random.Random(seed)
+    rejected, rejected_reward = ("rejected", "rejected_reward") if schema == "common" else ("reject", "reject_reward")
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choices(WORDS, k=rng.randint(2, 12)))
+        rows.append({"prompt": [{"role": "user", "content": prompt}] if message_prompts else prompt,
+                     "chosen": " ".join(rng.choices(WORDS, k=rng.randint(1, 24))),
+                     rejected: " ".join(rng.choices(WORDS, k=rng.randint(1, 24))),
+                     "chosen_reward": rng.uniform(0.5, 1.0), rejected_reward: rng.uniform(0.0, 0.5), "extra": i})
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def train(model, dataset, output_dir, **overrides):
+    """rebel.main in this process (a 1-process gloo group), small and fast settings."""
+    settings = dict(model=model, dataset=dataset, output_dir=str(output_dir), total_episodes=32, batch_size=8,
+                    micro_batch_size=2, eval_micro_batch_size=4, eval_size=8, eta=1.0, lr=1e-3, warmup_ratio=0.25,
+                    eval_every=2, save_every=2, activation_checkpointing=False, seed=1)
+    settings.update(overrides)
+    rebel.main(rebel.Config(**settings))
+    return str(output_dir)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def naive_logprob(model, prompt_ids, response_ids, temperature):
+    """The textbook computation, one sequence, full-vocabulary logits everywhere."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logprobs = torch.log_softmax(model(ids).logits[0, :-1].float() / temperature, dim=-1)
+    targets = ids[0, 1:]
+    return logprobs[torch.arange(len(targets)), targets][len(prompt_ids) - 1:].sum()
+
+
+def test_rebel_loss_by_hand():
+    # pair 1: log-ratio diff (−1 − −2) − (−3 − −1) = 3; target 2·(0.9 − 0.4) = 1; (3 − 1)² = 4
+    # pair 2: (0 − 0) − (−1 − 0) = 1; target 2·(0.1 − 0.6) = −1; (1 + 1)² = 4, plus pair 3 with a zero error
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    loss = rebel.rebel_loss(t(-1.0, 0.0, -5.0), t(-3.0, -1.0, -2.0), t(-2.0, 0.0, -5.0), t(-1.0, 0.0, -2.0),
+                            t(0.9, 0.1, 0.3), t(0.4, 0.6, 0.3), eta=2.0)
+    assert loss.tolist() == pytest.approx([4.0, 4.0, 0.0])
+
+
+def test_tokenize_pairs_schema_and_end_of_turn(tiny_model, tmp_path):
+    from datasets import Dataset
+    tokenizer = rebel.load_tokenizer(tiny_model)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    for schema, messages in (("common", False), ("cornell", True)):
+        rows = Dataset.from_list(read_jsonl(write_pairs(tmp_path / f"{schema}.jsonl", n=5, schema=schema, message_prompts=messages)))
+        pairs = rebel.tokenize_pairs(rows, tokenizer, schema)
+        for row, pair in zip(rows, pairs):
+            prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][0]["content"]
+            assert tokenizer.decode(pair["prompt_ids"]).endswith(f"{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+            assert pair["chosen_ids"][-1] == eot and pair["rejected_ids"][-1] == eot
+            assert tokenizer.decode(pair["chosen_ids"]) == row["chosen"] + "<|eot_id|>"
+            assert pair["rejected_reward"] == (row.get("rejected_reward") or row.get("reject_reward"))
+
+
+def test_logprobs_match_naive_and_ignore_padding_and_batching(tiny_model, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tokenizer = rebel.load_tokenizer(tiny_model)
+    pairs = rebel.tokenize_pairs(Dataset.from_list(read_jsonl(write_pairs(tmp_path / "p.jsonl", n=6))), tokenizer, "t")
+    temperature = 0.7
+    naive = torch.stack([torch.stack([naive_logprob(model, p["prompt_ids"], p[k], temperature) for k in ("chosen_ids", "rejected_ids")])
+                         for p in pairs])
+
+    def batched(group, chunk):
+        out = rebel.response_logprobs(model, *rebel.collate(group, tokenizer.pad_token_id), temperature, chunk)
+        return out.view(2, len(group)).T
+
+    together = batched(pairs, chunk=7)                                  # all six padded to the longest, 7-token chunks
+    alone = torch.cat([batched([p], chunk=1024) for p in pairs])        # each pair on its own, no padding
+    torch.testing.assert_close(together, naive, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(alone, naive, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(batched(pairs, 7), rebel.response_logprobs(  # the temperature does change the result
+        model, *rebel.collate(pairs, tokenizer.pad_token_id), 1.0, 7).view(2, -1).T)
+
+    # gradients of the chunked, recomputed path equal the naive ones
+    model.zero_grad()
+    batched(pairs[:3], chunk=5).sum().backward()
+    chunked_grad = model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    sum(naive_logprob(model, p["prompt_ids"], p[k], temperature) for p in pairs[:3] for k in ("chosen_ids", "rejected_ids")).backward()
+    torch.testing.assert_close(chunked_grad[0], model.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked_grad[1], model.model.layers[0].mlp.up_proj.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_global_batches_depend_only_on_the_seed():
+    stream = [rebel.global_batch(10, 4, u, seed=3) for u in range(6)]   # 24 pairs drawn from 10: crosses two epochs
+    flat = sum(stream, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert stream == [rebel.global_batch(10, 4, u, seed=3) for u in range(6)] != [rebel.global_batch(10, 4, u, seed=4) for u in range(6)]
+    batches = rebel.micro_batches([{"prompt_ids": [0] * i, "chosen_ids": [0], "rejected_ids": [0]} for i in range(10)], stream[0], 1)
+    dealt = [rebel.for_rank(batches, r, 3) for r in range(3)]   # 4 micro-batches over 3 ranks: same count each
+    assert [len(d) for d in dealt] == [2, 2, 2] and sum(b is None for d in dealt for b in d) == 2
+    assert sorted(id(b) for d in dealt for b in d if b) == sorted(map(id, batches))
+
+
+def test_first_update_loss_is_mean_squared_scaled_reward_gap(tiny_model, tmp_path):
+    data = write_pairs(tmp_path / "p.jsonl", n=24)
+    out = train(tiny_model, data, tmp_path / "run", eta=3.0, total_episodes=8, batch_size=8, eval_size=0, save_final=False)
+    first = read_jsonl(os.path.join(out, "metrics.jsonl"))[0]
+    positions = rebel.global_batch(24, 8, 0, seed=1)
+    rows = read_jsonl(data)
+    expected = sum((3.0 * (rows[i]["chosen_reward"] - rows[i]["rejected_reward"])) ** 2 for i in positions) / 8
+    assert first["update"] == 1 and first["loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(first["logratio_chosen"]) < 1e-5 and abs(first["logratio_rejected"]) < 1e-5
+    ref = read_jsonl(os.path.join(out, "ref_logprobs.jsonl"))
+    assert sorted(r["index"] for r in ref) == list(range(24)) and {r["split"] for r in ref} == {"train"}
+
+
+def final_weights(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def test_two_processes_equal_one_and_final_model_reloads(tiny_model, tmp_path):
+    data = write_pairs(tmp_path / "p.jsonl", n=40)
+    one = train(tiny_model, data, tmp_path / "one")
+    flags = dict(total_episodes=32, batch_size=8, micro_batch_size=2, eval_micro_batch_size=4, eval_size=8, eta=1.0,
+                 lr=1e-3, warmup_ratio=0.25, eval_every=2, save_every=2, seed=1, activation_checkpointing="true")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "rebel.py",
+               "--model", tiny_model, "--dataset", data, "--output_dir", str(tmp_path / "two")]
+    command += [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    subprocess.run(command, cwd=HERE, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = str(tmp_path / "two")
+    m1, m2 = read_jsonl(os.path.join(one, "metrics.jsonl")), read_jsonl(os.path.join(two, "metrics.jsonl"))
+    assert [r["update"] for r in m1] == [r["update"] for r in m2] == [0, 1, 2, 2, 3, 4, 4]
+    for r1, r2 in zip(m1, m2):
+        for key in ("loss", "val_loss", "sign_align"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6)
+    w1, w2 = final_weights(one), final_weights(two)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    from transformers import AutoModelForCausalLM
+    first = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert max((w1[k] - first.state_dict()[k]).abs().max().item() for k in w1) > 1e-3   # it did train
+
+    # the consolidated model reloads and reproduces the last evaluation
+    from datasets import Dataset
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(one, "final"))
+    tokenizer = rebel.load_tokenizer(os.path.join(one, "final"))
+    ref = {r["index"]: (r["chosen_logprob"], r["rejected_logprob"]) for r in read_jsonl(os.path.join(one, "ref_logprobs.jsonl")) if r["split"] == "eval"}
+    rows = Dataset.from_list(read_jsonl(data))
+    pairs = [p for p in rebel.tokenize_pairs(rows, tokenizer, "t") if p["index"] in ref]
+    with torch.no_grad():
+        logps = rebel.response_logprobs(model, *rebel.collate(pairs, tokenizer.pad_token_id), 0.8, 1024).view(2, -1)
+    diff = (logps[0] - torch.tensor([ref[p["index"]][0] for p in pairs])) - (logps[1] - torch.tensor([ref[p["index"]][1] for p in pairs]))
+    gap = torch.tensor([p["chosen_reward"] - p["rejected_reward"] for p in pairs])
+    assert len(pairs) == 8 and ((diff - gap) ** 2).mean().item() == pytest.approx(m1[-1]["val_loss"], rel=1e-4)
+
+
+def test_resume_equals_uninterrupted(tiny_model, tmp_path):
+    data = write_pairs(tmp_path / "p.jsonl", n=40)
+    full = train(tiny_model, data, tmp_path / "full", total_episodes=48)
+    part = train(tiny_model, data, tmp_path / "part", total_episodes=48, stop_after=3)
+    checkpoints = os.path.join(part, "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["update_000003"] and not os.path.exists(os.path.join(part, "final"))
+    # a crash while writing the next checkpoint, and records logged after the checkpoint, must not matter
+    os.makedirs(os.path.join(checkpoints, "update_000004.partial"))
+    rebel.append_jsonl(os.path.join(part, "metrics.jsonl"), {"update": 4, "loss": -1.0})
+    train(tiny_model, data, part, total_episodes=48, resume=True)
+    w1, w2 = final_weights(full), final_weights(part)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    m_full, m_part = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
+    assert [r["update"] for r in m_part] == [r["update"] for r in m_full] == [0, 1, 2, 2, 3, 4, 4, 5, 6, 6]
+    assert [r.get("loss", r.get("val_loss")) for r in m_part] == pytest.approx([r.get("loss", r.get("val_loss")) for r in m_full], rel=1e-5)
+
+
+def test_non_finite_loss_stops_without_touching_the_checkpoint(tiny_model, tmp_path):
+    data = write_pairs(tmp_path / "p.jsonl", n=40)
+    out = train(tiny_model, data, tmp_path / "run", stop_after=1, save_final=False)
+    with pytest.raises(SystemExit, match="non-finite loss .* at update 2"):
+        train(tiny_model, data, out, resume=True, eta=1e308)
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["update_000001"]
+
+
+def test_bad_input_fails_clearly_before_loading_the_model(tiny_model, tmp_path, monkeypatch):
+    import shutil
+    import transformers
+    from datasets import Dataset
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    good = read_jsonl(write_pairs(tmp_path / "good.jsonl", n=12))
+
+    def data(name, rows):
+        path = str(tmp_path / f"{name}.parquet")
+        Dataset.from_list(rows).to_parquet(path)
+        return path
+    no_template = str(tmp_path / "no_template")
+    shutil.copytree(tiny_model, no_template)
+    config = json.load(open(os.path.join(no_template, "tokenizer_config.json")))
+    config.pop("chat_template", None)
+    json.dump(config, open(os.path.join(no_template, "tokenizer_config.json"), "w"))
+    for name in os.listdir(no_template):
+        if name.startswith("chat_template"):
+            os.remove(os.path.join(no_template, name))
+
+    cases = [
+        (dict(dataset=str(tmp_path / "missing.jsonl")), r"missing\.jsonl.*no such file"),
+        (dict(dataset=data("no_col", [{k: v for k, v in r.items() if k != "chosen_reward"} for r in good])), r"missing column 'chosen_reward'"),
+        (dict(dataset=data("text_reward", [{**r, "rejected_reward": "low"} for r in good])), r"row 0: column 'rejected_reward' must be a finite number, got 'low'"),
+        (dict(dataset=data("nan_reward", [{**r, "chosen_reward": float("nan") if i == 5 else r["chosen_reward"]} for i, r in enumerate(good)])),
+         r"row 5: column 'chosen_reward' must be a finite number, got nan"),
+        (dict(max_response_len=1), r"train: no pair left after the length filter"),
+        (dict(model=no_template), r"has no chat template"),
+        (dict(micro_batch_size=3), r"--batch_size 8 must be a multiple of --micro_batch_size × processes = 3 × 1"),
+        (dict(total_episodes=4), r"less than one batch"),
+        (dict(dtype="fp8"), r"--dtype must be"),
+    ]
+    for overrides, message in cases:
+        settings = {"dataset": str(tmp_path / "good.jsonl"), **overrides}
+        with pytest.raises(SystemExit, match=message):
+            train(settings.pop("model", tiny_model), settings.pop("dataset"), tmp_path / "run", **settings)
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "rebel.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    for field in rebel.dataclasses.fields(rebel.Config):
+        assert f"--{field.name}" in out and field.metadata["help"].split()[0] in out
