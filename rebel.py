@@ -79,22 +79,20 @@ class Config:
 
 # ----------------------------------------------------------------------------- helpers shared with sibling scripts
 
+def to_bool(text):
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
+
+
 def parse_config(cls, argv=None):
     """Dataclass -> argparse, so `--help` lists every field with its one-line doc. Booleans: `--flag` or `--flag false`."""
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
-        if f.type in (bool, "bool"):
-            def to_bool(s, name=f.name):
-                if s.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if s.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise argparse.ArgumentTypeError(f"--{name} expects true/false, got {s!r}")
-            parser.add_argument(f"--{f.name}", type=to_bool, nargs="?", const=True, default=f.default, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
+        kind = {"bool": to_bool, "int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        extra = dict(nargs="?", const=True) if kind is to_bool else {}
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"], **extra)
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -239,18 +237,48 @@ def tokenize_pairs(rows, tokenizer, where):
 
 
 def filter_by_length(pairs, max_prompt_len, max_response_len, where):
-    """Drop pairs over the limits (like the authors' filter) and say how many and why."""
-    too_long_prompt = [p for p in pairs if len(p["prompt_ids"]) > max_prompt_len]
-    too_long_response = [p for p in pairs if len(p["prompt_ids"]) <= max_prompt_len
-                         and max(len(p["chosen_ids"]), len(p["rejected_ids"])) > max_response_len]
-    kept = [p for p in pairs if len(p["prompt_ids"]) <= max_prompt_len
-            and max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= max_response_len]
-    if too_long_prompt or too_long_response:
-        print0(f"{where}: dropped {len(too_long_prompt)} pairs with prompt > {max_prompt_len} tokens and "
-               f"{len(too_long_response)} with a response > {max_response_len} tokens; {len(kept)} of {len(pairs)} kept")
+    """Drop pairs over the limits (like the authors' filter) and say how many, why, and how many tokens that was."""
+    kept, dropped = [], {"prompt": [], "response": []}
+    for p in pairs:
+        if len(p["prompt_ids"]) > max_prompt_len:
+            dropped["prompt"].append(p)
+        elif max(len(p["chosen_ids"]), len(p["rejected_ids"])) > max_response_len:
+            dropped["response"].append(p)
+        else:
+            kept.append(p)
+    if dropped["prompt"] or dropped["response"]:
+        tokens = sum(map(pair_tokens, dropped["prompt"] + dropped["response"]))
+        print0(f"{where}: dropped {len(dropped['prompt'])} pairs with a prompt > {max_prompt_len} tokens and "
+               f"{len(dropped['response'])} with a response > {max_response_len} tokens ({tokens} tokens); "
+               f"{len(kept)} of {len(pairs)} pairs kept")
     if not kept:
         fail(f"{where}: no pair left after the length filter (max_prompt_len={max_prompt_len}, max_response_len={max_response_len})")
     return kept
+
+
+def load_pairs(cfg, tokenizer):
+    """Train and eval pairs, tokenised and length-filtered. Without an eval split (e.g. one .jsonl file), eval_size
+    seeded rows of the train data are held out and never trained on."""
+    single_file = os.path.isfile(cfg.dataset)  # one data file is one split
+    train_rows = load_split(cfg.dataset, "train" if single_file else cfg.train_split)
+    if train_rows is None:
+        fail(f"dataset {cfg.dataset!r} has no split {cfg.train_split!r}")
+    eval_rows = None if single_file else load_split(cfg.dataset, cfg.eval_split)
+    held_out = set()
+    if eval_rows is None and cfg.eval_size > 0:
+        if cfg.eval_size >= len(train_rows):
+            fail(f"--eval_size {cfg.eval_size} leaves nothing to train on ({len(train_rows)} rows in {cfg.dataset})")
+        held_out = set(torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.eval_size].tolist())
+        print0(f"no eval split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of the train data")
+    pairs = tokenize_pairs(train_rows, tokenizer, f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]")
+    train_pairs = [p for p in pairs if p["index"] not in held_out]
+    eval_pairs = [p for p in pairs if p["index"] in held_out]
+    if eval_rows is not None:
+        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]")
+    train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
+    if eval_pairs:
+        eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
+    return train_pairs, eval_pairs
 
 
 def pair_tokens(pair):
@@ -459,7 +487,7 @@ def load_checkpoint(model, optimizer, path):
     return json.load(open(os.path.join(path, "train_state.json")))["update"]
 
 
-def save_final(model, tokenizer, cfg, save_dtype, rank):
+def save_final(model, tokenizer, cfg, rank):
     """A consolidated Hugging Face checkpoint (safetensors + tokenizer) loadable by from_pretrained, vLLM, lm-eval."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -467,12 +495,37 @@ def save_final(model, tokenizer, cfg, save_dtype, rank):
     if rank == 0:
         partial = final + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial, state_dict={k: v.to(save_dtype) for k, v in state.items()})
+        model.save_pretrained(partial, state_dict={k: v.to(model.config.dtype) for k, v in state.items()})
         tokenizer.save_pretrained(partial)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
     dist.barrier()
     return final
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(cfg, device, dtype):
+    """fp32 master weights, FSDP2 on every decoder layer then the root; `dtype` compute (bf16 on GPU)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    model.config.dtype = config.dtype or torch.float32  # the final model is saved in the starting dtype (bf16 for Llama-3)
+    for module in model.modules():  # no dropout, as in the paper: log-probs must be deterministic
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # (activation checkpointing only acts in train mode)
+    mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=mixed_precision)
+    fully_shard(model, mp_policy=mixed_precision)
+    model.to(device)
+    model.response_logprobs = response_logprobs.__get__(model)  # a method, so that FSDP can gather the root around it
+    register_fsdp_forward_method(model, "response_logprobs")
+    return model
 
 
 # ----------------------------------------------------------------------------- main
@@ -488,30 +541,14 @@ def main(cfg):
     if num_updates < 1:
         fail(f"--total_episodes {cfg.total_episodes} is less than one batch of {cfg.batch_size} pairs")
     dtype = compute_dtype(cfg.dtype, device)
+    if not cfg.resume and latest_checkpoint(cfg.output_dir):
+        fail(f"{cfg.output_dir} holds a checkpoint of an earlier run: add --resume to continue it, or pick another --output_dir")
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
 
     # data: read, validate and tokenise everything before the model is loaded
     tokenizer = load_tokenizer(cfg.model)
-    single_file = os.path.isfile(cfg.dataset)  # one data file is one split: train on it, hold out the eval pairs
-    train_rows = load_split(cfg.dataset, "train" if single_file else cfg.train_split)
-    if train_rows is None:
-        fail(f"dataset {cfg.dataset!r} has no split {cfg.train_split!r}")
-    eval_rows = None if single_file else load_split(cfg.dataset, cfg.eval_split)
-    held_out = set()
-    if eval_rows is None and cfg.eval_size > 0:  # hold out a seeded eval set from the train split, never trained on
-        if cfg.eval_size >= len(train_rows):
-            fail(f"--eval_size {cfg.eval_size} leaves nothing to train on ({len(train_rows)} rows in {cfg.train_split!r})")
-        held_out = set(torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.eval_size].tolist())
-        print0(f"no split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of the train data for eval")
-    all_train = tokenize_pairs(train_rows, tokenizer, f"{cfg.dataset}[{cfg.train_split}]")
-    train_pairs = [p for p in all_train if p["index"] not in held_out]
-    eval_pairs = [p for p in all_train if p["index"] in held_out]
-    if eval_rows is not None:
-        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]")
-    train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
-    if eval_pairs:
-        eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
+    train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
     splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
     mean_tokens = sum(map(pair_tokens, train_pairs)) / len(train_pairs)
     print0(f"processes {world_size} | device {device.type} | compute dtype {dtype} | train pairs {len(train_pairs)} | "
@@ -520,26 +557,8 @@ def main(cfg):
            f"accumulation × {world_size} processes | warm-up {int(cfg.warmup_ratio * num_updates)} updates | "
            f"epochs {num_updates * cfg.batch_size / len(train_pairs):.2f}")
 
-    # model: fp32 master weights, FSDP2 on every decoder layer then the root; bf16 compute on GPU
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    from transformers import AutoConfig, AutoModelForCausalLM
-    save_dtype = getattr(AutoConfig.from_pretrained(cfg.model), "dtype", None) or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    for module in model.modules():  # no dropout, as in the paper: log-probs must be deterministic
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in model.get_decoder().layers:
-        fully_shard(layer, mp_policy=mixed_precision)
-    fully_shard(model, mp_policy=mixed_precision)
-    model.to(device)
-    model.response_logprobs = response_logprobs.__get__(model)
-    register_fsdp_forward_method(model, "response_logprobs")
+    model = build_model(cfg, device, dtype)
     pad_id = tokenizer.pad_token_id
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
     ref = reference_logprobs(model, splits, cfg, rank, world_size, device, pad_id, dtype)
@@ -574,9 +593,12 @@ def main(cfg):
         for batch in micro_batches(train_pairs, positions, cfg.micro_batch_size)[rank::world_size]:
             input_ids, attention_mask, response_mask = (t.to(device) for t in collate(batch, pad_id))
             logps = model.response_logprobs(input_ids, attention_mask, response_mask, cfg.temperature, cfg.logprob_chunk)
-            ref_c, ref_r = (torch.tensor([ref["train"][p["index"]][k] for p in batch], device=device) for k in (0, 1))
-            reward_c, reward_r = (torch.tensor([p[k] for p in batch], device=device)
+            # float64 for the tiny loss tensors: η·Δr is ~1e4 with η = 1e6, where fp32 would round the rewards
+            ref_c, ref_r = (torch.tensor([ref["train"][p["index"]][k] for p in batch], device=device, dtype=torch.float64)
+                            for k in (0, 1))
+            reward_c, reward_r = (torch.tensor([p[k] for p in batch], device=device, dtype=torch.float64)
                                   for k in ("chosen_reward", "rejected_reward"))
+            logps = logps.double()
             losses = rebel_loss(logps[:len(batch)], logps[len(batch):], ref_c, ref_r, reward_c, reward_r, cfg.eta)
             # this rank's share of the batch mean; FSDP averages gradients over ranks, giving the global batch mean
             (losses.sum() / (cfg.batch_size // world_size)).backward()
@@ -613,7 +635,7 @@ def main(cfg):
             return
     bar.close()
     if cfg.save_final:
-        print0(f"final model -> {save_final(model, tokenizer, cfg, save_dtype, rank)}")
+        print0(f"final model -> {save_final(model, tokenizer, cfg, rank)}")
     dist.destroy_process_group()
 
 

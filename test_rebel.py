@@ -210,10 +210,10 @@ def test_two_processes_equal_one_and_final_model_reloads(tiny_model, tmp_path):
     two = str(tmp_path / "two")
     m1, m2 = read_jsonl(os.path.join(one, "metrics.jsonl")), read_jsonl(os.path.join(two, "metrics.jsonl"))
     assert [r["update"] for r in m1] == [r["update"] for r in m2] == [0, 1, 2, 2, 3, 4, 4]
-    for r1, r2 in zip(m1, m2):
+    for r1, r2 in zip(m1, m2):  # losses square differences of fp32 sums of ~50 log-probs: equal to ~1e-5 relative
         for key in ("loss", "val_loss", "sign_align"):
             if key in r1:
-                assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6)
+                assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6)
     w1, w2 = final_weights(one), final_weights(two)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
     from transformers import AutoModelForCausalLM
@@ -234,7 +234,7 @@ def test_two_processes_equal_one_and_final_model_reloads(tiny_model, tmp_path):
     assert len(pairs) == 8 and ((diff - gap) ** 2).mean().item() == pytest.approx(m1[-1]["val_loss"], rel=1e-4)
 
 
-def test_resume_equals_uninterrupted(tiny_model, tmp_path):
+def test_resume_equals_uninterrupted(tiny_model, tmp_path, capsys):
     data = write_pairs(tmp_path / "p.jsonl", n=40)
     full = train(tiny_model, data, tmp_path / "full", total_episodes=48)
     part = train(tiny_model, data, tmp_path / "part", total_episodes=48, stop_after=3)
@@ -243,7 +243,9 @@ def test_resume_equals_uninterrupted(tiny_model, tmp_path):
     # a crash while writing the next checkpoint, and records logged after the checkpoint, must not matter
     os.makedirs(os.path.join(checkpoints, "update_000004.partial"))
     rebel.append_jsonl(os.path.join(part, "metrics.jsonl"), {"update": 4, "loss": -1.0})
+    capsys.readouterr()
     train(tiny_model, data, part, total_episodes=48, resume=True)
+    assert "reference log-probs: reusing" in capsys.readouterr().out
     w1, w2 = final_weights(full), final_weights(part)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
     m_full, m_part = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
@@ -293,11 +295,14 @@ def test_bad_input_fails_clearly_before_loading_the_model(tiny_model, tmp_path, 
         (dict(micro_batch_size=3), r"--batch_size 8 must be a multiple of --micro_batch_size × processes = 3 × 1"),
         (dict(total_episodes=4), r"less than one batch"),
         (dict(dtype="fp8"), r"--dtype must be"),
+        (dict(output_dir=str(tmp_path / "earlier")), r"holds a checkpoint of an earlier run: add --resume"),
     ]
+    os.makedirs(tmp_path / "earlier" / "checkpoints" / "update_000002")
+    (tmp_path / "earlier" / "checkpoints" / "update_000002" / "train_state.json").write_text('{"update": 2}')
     for overrides, message in cases:
         settings = {"dataset": str(tmp_path / "good.jsonl"), **overrides}
         with pytest.raises(SystemExit, match=message):
-            train(settings.pop("model", tiny_model), settings.pop("dataset"), tmp_path / "run", **settings)
+            train(settings.pop("model", tiny_model), settings.pop("dataset"), settings.pop("output_dir", tmp_path / "run"), **settings)
 
 
 def test_help_documents_every_flag():
