@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -589,34 +588,33 @@ def main(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         positions = global_batch(len(train_pairs), cfg.batch_size, update, cfg.seed)
-        stats = torch.zeros(4, dtype=torch.float64)  # Σ loss, Σ chosen log-ratio, Σ rejected log-ratio, tokens
+        stats = torch.zeros(4, dtype=torch.float64, device=device)  # Σ loss, Σ log-ratio chosen, rejected, Σ tokens
         for batch in micro_batches(train_pairs, positions, cfg.micro_batch_size)[rank::world_size]:
             input_ids, attention_mask, response_mask = (t.to(device) for t in collate(batch, pad_id))
             logps = model.response_logprobs(input_ids, attention_mask, response_mask, cfg.temperature, cfg.logprob_chunk)
-            # float64 for the tiny loss tensors: η·Δr is ~1e4 with η = 1e6, where fp32 would round the rewards
-            ref_c, ref_r = (torch.tensor([ref["train"][p["index"]][k] for p in batch], device=device, dtype=torch.float64)
-                            for k in (0, 1))
-            reward_c, reward_r = (torch.tensor([p[k] for p in batch], device=device, dtype=torch.float64)
-                                  for k in ("chosen_reward", "rejected_reward"))
-            logps = logps.double()
-            losses = rebel_loss(logps[:len(batch)], logps[len(batch):], ref_c, ref_r, reward_c, reward_r, cfg.eta)
+            # float64 for these few numbers: η·Δr is ~1e4 with η = 1e6, where fp32 would round the rewards away
+            ref_c, ref_r, reward_c, reward_r = torch.tensor(
+                [[ref["train"][p["index"]][0], ref["train"][p["index"]][1], p["chosen_reward"], p["rejected_reward"]]
+                 for p in batch], dtype=torch.float64, device=device).T
+            logp_c, logp_r = logps.double().view(2, len(batch))  # chosen rows first, then rejected
+            losses = rebel_loss(logp_c, logp_r, ref_c, ref_r, reward_c, reward_r, cfg.eta)
             # this rank's share of the batch mean; FSDP averages gradients over ranks, giving the global batch mean
             (losses.sum() / (cfg.batch_size // world_size)).backward()
-            stats += torch.tensor([losses.sum().item(), (logps[:len(batch)] - ref_c).sum().item(),
-                                   (logps[len(batch):] - ref_r).sum().item(), attention_mask.sum().item()], dtype=torch.float64)
+            stats += torch.stack([losses.sum(), (logp_c - ref_c).sum(), (logp_r - ref_r).sum(), attention_mask.sum()]).detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         dist.all_reduce(stats)
-        loss = stats[0].item() / cfg.batch_size
+        stats = stats.tolist()
+        loss = stats[0] / cfg.batch_size
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             fail(f"non-finite loss {loss} (grad norm {grad_norm}) at update {update + 1}; stopping without saving "
                  f"(last good checkpoint: {latest_checkpoint(cfg.output_dir)})")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - start
-        record = dict(update=update + 1, loss=loss, logratio_chosen=stats[1].item() / cfg.batch_size,
-                      logratio_rejected=stats[2].item() / cfg.batch_size, lr=lr, grad_norm=grad_norm,
-                      pairs_per_s=cfg.batch_size / seconds, tokens_per_s=stats[3].item() / seconds,
+        record = dict(update=update + 1, loss=loss, logratio_chosen=stats[1] / cfg.batch_size,
+                      logratio_rejected=stats[2] / cfg.batch_size, lr=lr, grad_norm=grad_norm,
+                      pairs_per_s=cfg.batch_size / seconds, tokens_per_s=stats[3] / seconds,
                       pairs_seen=(update + 1) * cfg.batch_size)
         if rank == 0:
             append_jsonl(metrics_path, record)
