@@ -67,7 +67,7 @@ class Config:
     max_grad_norm: float = arg(0.0, "clip the gradient norm to this; 0 = no clipping (the paper)")
     dtype: str = arg("auto", "compute dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32; master weights are fp32")
     activation_checkpointing: bool = arg(True, "recompute decoder layers in backward to save memory")
-    logprob_chunk: int = arg(1024, "response tokens per lm_head chunk (bounds the memory of the logits)")
+    logprob_chunk: int = arg(256, "response tokens per lm_head chunk (bounds the memory of the logits)")
     seed: int = arg(555134, "seed of data order and eval hold-out")
     eval_every: int = arg(50, "evaluate every this many updates (and at start and end); 0 = only at start and end")
     save_every: int = arg(100, "resumable checkpoint every this many updates; 0 = only at the end")
@@ -330,8 +330,8 @@ def collate(pairs, pad_id):
 # ----------------------------------------------------------------------------- log-probs and the loss
 
 def token_logprobs(hidden, weight, targets, temperature):
-    """log softmax(h·Wᵀ / T)[target] for a chunk of positions, in fp32."""
-    logits = F.linear(hidden, weight).float() / temperature
+    """log softmax(h·Wᵀ / T)[target] for a chunk of positions, in fp32. (h / T)·Wᵀ saves a vocabulary-sized copy."""
+    logits = F.linear(hidden / temperature, weight).float()
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 

@@ -26,20 +26,24 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 CORPUS = ["The quick brown fox jumps over the lazy dog. Answer the question with care and show your work.",
           "Question: Natalia sold 48 clips in April and half as many in May. How many clips did she sell?",
           "Answer: She sold 48 / 2 = 24 clips in May, so 48 + 24 = 72 in all. #### 72",
           "Write a short poem about the sea, the sky and the wind. Explain why the sky is blue."] * 5
 
 
-def make_tokenizer(path, vocab_size=384, chat_template=LLAMA3_CHAT_TEMPLATE):
+def make_tokenizer(path, vocab_size=384, chat_template=LLAMA3_CHAT_TEMPLATE, corpus=CORPUS):
     """Byte-level BPE (every byte string is encodable) with Llama-3's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # Llama-3's split pattern, then bytes -> printable characters
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                         chat_template=chat_template)
@@ -47,11 +51,11 @@ def make_tokenizer(path, vocab_size=384, chat_template=LLAMA3_CHAT_TEMPLATE):
     return tokenizer
 
 
-def make_model(path, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, vocab_size=384):
+def make_model(path, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, vocab_size=384, corpus=CORPUS):
     """A tiny random Llama with the tokenizer above, saved like a Hub checkpoint (config, safetensors, tokenizer,
     generation config with Llama-3's two stop tokens)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    tokenizer = make_tokenizer(path, vocab_size=vocab_size)
+    tokenizer = make_tokenizer(path, vocab_size=vocab_size, corpus=corpus)
     eot, end = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
@@ -309,3 +313,131 @@ def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, "rebel.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
     for field in rebel.dataclasses.fields(rebel.Config):
         assert f"--{field.name}" in out and field.metadata["help"].split()[0] in out
+
+
+# ----------------------------------------------------------------------------- benchmark: RUN_BENCH=1 pytest -k bench -s
+
+BENCH_MAX_PROMPT, BENCH_MAX_RESPONSE = 1024, 2048  # the authors' fixed maxima (the baseline pads every pair to them)
+
+
+def alpaca_pairs(tokenizer, seed=0):
+    """Real lengths: AlpacaEval instructions, chosen = Llama-3-8B-Instruct's answer, rejected = REBEL's answer."""
+    import random
+    rng = random.Random(seed)
+    llama = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "Meta-Llama-3-8B-Instruct.json")))
+    rebel_answers = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "REBEL-Llama-3-8B-Instruct-Armo.json")))
+    from datasets import Dataset
+    rows = Dataset.from_list([dict(prompt=a["instruction"], chosen=a["output"], rejected=b["output"],
+                                   chosen_reward=rng.random(), rejected_reward=rng.random()) for a, b in zip(llama, rebel_answers)])
+    pairs = rebel.tokenize_pairs(rows, tokenizer, "alpaca_eval")
+    return rebel.filter_by_length(pairs, BENCH_MAX_PROMPT, BENCH_MAX_RESPONSE, "alpaca_eval")
+
+
+def padded_full_logprobs(model, pair, temperature, pad_id):
+    """The authors' way: prompt left-padded to the prompt maximum, response right-padded to the response maximum,
+    full-vocabulary logits for every position, chosen and rejected in one forward."""
+    rows, masks = [], []
+    for response in (pair["chosen_ids"], pair["rejected_ids"]):
+        q, r = pair["prompt_ids"], response
+        rows.append([pad_id] * (BENCH_MAX_PROMPT - len(q)) + q + r + [pad_id] * (BENCH_MAX_RESPONSE - len(r)))
+        masks.append([0] * (BENCH_MAX_PROMPT - len(q)) + [1] * (len(q) + len(r)) + [0] * (BENCH_MAX_RESPONSE - len(r)))
+    ids, attention = torch.tensor(rows), torch.tensor(masks)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids).logits[:, BENCH_MAX_PROMPT - 1:-1] / temperature
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, BENCH_MAX_PROMPT:, None]).squeeze(-1)
+    return (logprobs * attention[:, BENCH_MAX_PROMPT:]).sum(-1)
+
+
+def bench_model(vocab_size, corpus_dir, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).train()
+
+
+def memory_probe(method, tokenizer_dir, pairs_file):
+    """Peak resident memory (MB above the start) of one micro-batch's log-prob forward + backward at Llama-3's vocabulary."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pairs = json.load(open(pairs_file))
+    model = bench_model(128256, tokenizer_dir)
+    input_ids, attention_mask, response_mask = rebel.collate(pairs, tokenizer.eos_token_id)
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
+    start = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
+    if method == "chunked":
+        logps = rebel.response_logprobs(model, input_ids, attention_mask, response_mask, 0.8, rebel.Config.logprob_chunk)
+    else:  # full-vocabulary logits at every position, as HF's forward gives them
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1] / 0.8
+        per_token = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        logps = (per_token * response_mask[:, 1:]).sum(-1)
+    logps.sum().backward()
+    peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+    print(json.dumps({"peak_mb": (peak - start) / 1024}))
+
+
+@pytest.mark.skipif(os.environ.get("RUN_BENCH") != "1", reason="benchmark: RUN_BENCH=1 pytest test_rebel.py -k bench -s")
+def test_bench(tmp_path):
+    import time
+    torch.manual_seed(0)
+    llama = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "Meta-Llama-3-8B-Instruct.json")))
+    rebel_answers = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "REBEL-Llama-3-8B-Instruct-Armo.json")))
+    corpus = [a["instruction"] for a in llama] + [a["output"] for a in llama] + [b["output"] for b in rebel_answers]
+    tokenizer = make_tokenizer(str(tmp_path / "tok"), vocab_size=32000, corpus=corpus)
+    pairs = alpaca_pairs(tokenizer)
+    pad_id, cfg, rows = tokenizer.eos_token_id, rebel.Config(), []
+    response_tokens = lambda ps: sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in ps)  # noqa: E731
+    print(f"\n{len(pairs)} AlpacaEval pairs; mean tokens per pair (2 sequences) {sum(map(rebel.pair_tokens, pairs)) / len(pairs):.0f}")
+
+    # 1. training step: rebel.py's (length-sorted micro-batches padded to their own longest, response-only chunked
+    #    logits) against the authors' (one pair per forward, padded to the maxima, full logits)
+    model = bench_model(32000, None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    batch = list(range(32))
+    start = time.time()
+    for group in rebel.micro_batches(pairs, batch, cfg.micro_batch_size):
+        logps = rebel.response_logprobs(model, *rebel.collate(group, pad_id), 0.8, cfg.logprob_chunk)
+        torch.stack([logps[:len(group)], logps[len(group):]]).sum().backward()
+    optimizer.step(); optimizer.zero_grad()
+    ours = time.time() - start
+    start = time.time()
+    for i in batch[:8]:
+        padded_full_logprobs(model, pairs[i], 0.8, pad_id).sum().backward()
+    optimizer.step(); optimizer.zero_grad()
+    theirs = (time.time() - start) * len(batch) / 8
+    rows.append(("training step", f"{len(batch) / theirs:.2f} pairs/s", f"{len(batch) / ours:.2f} pairs/s", theirs / ours))
+    rows.append(("  response tokens/s", f"{response_tokens([pairs[i] for i in batch]) / theirs:.0f}",
+                 f"{response_tokens([pairs[i] for i in batch]) / ours:.0f}", theirs / ours))
+
+    # 2. peak memory of one micro-batch's log-prob forward + backward at vocabulary 128,256, each in a fresh process
+    middle = sorted(range(len(pairs)), key=lambda i: rebel.pair_tokens(pairs[i]))[len(pairs) // 2:][:cfg.micro_batch_size]
+    json.dump([pairs[i] for i in middle], open(tmp_path / "mb.json", "w"))
+    peak = {m: json.loads(subprocess.run([sys.executable, __file__, "memory_probe", m, str(tmp_path / "tok"), str(tmp_path / "mb.json")],
+                                         capture_output=True, text=True, check=True, cwd=HERE).stdout.strip().splitlines()[-1])["peak_mb"]
+            for m in ("full", "chunked")}
+    rows.append((f"log-prob peak memory, {cfg.micro_batch_size} pairs, vocab 128k", f"{peak['full']:.0f} MB", f"{peak['chunked']:.0f} MB",
+                 peak["chunked"] / peak["full"]))
+
+    # 3. reference pass: batched, no grad, against one sequence per forward padded to the maxima (the authors')
+    with torch.no_grad():
+        start = time.time()
+        for group in rebel.micro_batches(pairs, range(64), cfg.eval_micro_batch_size):
+            rebel.response_logprobs(model, *rebel.collate(group, pad_id), 0.8, cfg.logprob_chunk)
+        ours = time.time() - start
+        start = time.time()
+        for i in range(8):
+            padded_full_logprobs(model, pairs[i], 0.8, pad_id)
+        theirs = (time.time() - start) * 8
+    rows.append(("reference pass", f"{64 / theirs:.2f} pairs/s", f"{64 / ours:.2f} pairs/s", theirs / ours))
+    print_table(rows)
+
+
+def print_table(rows):
+    print(f"\n| {'measure':<44} | {'baseline':>14} | {'this repo':>14} | {'ratio':>6} |\n|{'-' * 46}|{'-' * 16}|{'-' * 16}|{'-' * 8}|")
+    for name, base, ours, ratio in rows:
+        print(f"| {name:<44} | {base:>14} | {ours:>14} | {ratio:>6.2f} |")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "memory_probe":
+        memory_probe(*sys.argv[2:])
