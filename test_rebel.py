@@ -7,9 +7,12 @@ Every model here is a tiny Llama built from a config, with a byte-level BPE toke
 Llama-3-style chat template, saved with save_pretrained so that the scripts' real from_pretrained path is used.
 """
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +21,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 sys.path.insert(0, HERE)
 
+import generate  # noqa: E402
 import rebel  # noqa: E402
+import score  # noqa: E402
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LLAMA3_CHAT_TEMPLATE = (
@@ -313,6 +318,357 @@ def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, "rebel.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
     for field in rebel.dataclasses.fields(rebel.Config):
         assert f"--{field.name}" in out and field.metadata["help"].split()[0] in out
+
+
+# ----------------------------------------------------------------------------- generate.py and score.py
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def write_prompts(path, n, seed=0, ids=False, messages=False):
+    import random
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        text = " ".join(rng.choices(WORDS, k=rng.randint(1, 14)))
+        rows.append({"prompt": [{"role": "user", "content": text}] if messages else text, **({"prompt_id": f"p{i}"} if ids else {})})
+    return write_jsonl(path, rows)
+
+
+def gen(model, prompts, output, **overrides):
+    """generate.main in this process (a 1-process gloo group), small and fast settings."""
+    settings = dict(model=model, prompts=prompts, output=str(output), num_samples=3, max_new_tokens=8, batch_size=2, seed=0)
+    settings.update(overrides)
+    generate.main(generate.Config(**settings))
+    return str(output)
+
+
+def run_score(data, output, **overrides):
+    settings = dict(input=data, output=str(output), batch_size=4, block_size=3)
+    settings.update(overrides)
+    score.main(score.Config(**settings))
+    return str(output)
+
+
+def load_rows(path):
+    from datasets import load_dataset
+    return load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train").to_list()
+
+
+def torchrun(script, args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
+    command += [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="session")
+def reward_model(tmp_path_factory):
+    """A tiny random LlamaForSequenceClassification (one output) with the test tokenizer; pads with <|end_of_text|>,
+    which the chat template never produces."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    path = str(tmp_path_factory.mktemp("tiny_rm"))
+    tokenizer = make_tokenizer(path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=4096, num_labels=1,
+                         pad_token_id=tokenizer.convert_tokens_to_ids("<|end_of_text|>"), bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- generate.py
+
+def test_cut_at_stop_and_the_models_stop_tokens(tiny_model):
+    tokenizer = rebel.load_tokenizer(tiny_model)
+    end, eot = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
+    stop_ids = generate.stop_token_ids(tokenizer, tiny_model)
+    assert stop_ids == sorted([end, eot])
+    assert generate.cut_at_stop([7, 8, eot, eot, eot], set(stop_ids)) == ([7, 8], False, 3)   # padding after the stop
+    assert generate.cut_at_stop([7, end, 9, eot], set(stop_ids)) == ([7], False, 2)            # the first of either stop
+    assert generate.cut_at_stop([eot, 7], set(stop_ids)) == ([], False, 1)
+    assert generate.cut_at_stop([7, 8, 9], set(stop_ids)) == ([7, 8, 9], True, 3)
+
+
+def test_generate_rows_stops_and_truncation(tiny_model, tmp_path):
+    # a copy of the model that also stops at 60 more tokens, so both natural stops and truncations happen
+    model = str(tmp_path / "stoppy")
+    shutil.copytree(tiny_model, model)
+    config = json.load(open(os.path.join(model, "generation_config.json")))
+    config["eos_token_id"] = config["eos_token_id"] + list(range(100, 160))
+    json.dump(config, open(os.path.join(model, "generation_config.json"), "w"))
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=5, messages=True)
+    rows = read_jsonl(gen(model, prompts, tmp_path / "gen.jsonl", num_samples=4, max_new_tokens=6))
+    assert [r["prompt_id"] for r in rows] == list(range(5))
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in read_jsonl(prompts)]
+    samples = [(text, t, n) for r in rows for text, t, n in zip(r["responses"], r["truncated"], r["num_tokens"])]
+    assert all(len(r["responses"]) == len(r["truncated"]) == len(r["num_tokens"]) == 4 for r in rows)
+    assert all(isinstance(text, str) and isinstance(t, bool) and 1 <= n <= 6 for text, t, n in samples)
+    assert all(n == 6 for _, t, n in samples if t)               # truncated: ran to max_new_tokens
+    assert {t for _, t, _ in samples} == {True, False}          # both kinds occur
+    assert any(n < 6 for _, t, n in samples if not t)           # stopped early at a stop token
+
+
+def test_generate_samples_without_top_k(tiny_model, tmp_path):
+    # transformers' default top_k=50 would allow at most 50 distinct first tokens for one prompt
+    prompts = write_prompts(tmp_path / "one.jsonl", n=1)
+    row, = read_jsonl(gen(tiny_model, prompts, tmp_path / "gen.jsonl", num_samples=150, max_new_tokens=1, temperature=1.0, top_p=1.0))
+    assert len(set(row["responses"])) > 60
+
+
+def test_generate_is_seeded_and_independent_of_the_number_of_processes(tiny_model, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=9, ids=True)  # 5 blocks of 2: 3 on one process, 2 on the other
+    one = read_jsonl(gen(tiny_model, prompts, tmp_path / "one.jsonl"))
+    again = read_jsonl(gen(tiny_model, prompts, tmp_path / "again.jsonl"))
+    other_seed = read_jsonl(gen(tiny_model, prompts, tmp_path / "seed1.jsonl", seed=1))
+    assert one == again and [r["prompt_id"] for r in one] == [f"p{i}" for i in range(9)]
+    assert [r["responses"] for r in one] != [r["responses"] for r in other_seed]
+    torchrun("generate.py", dict(model=tiny_model, prompts=prompts, output=tmp_path / "two.parquet", num_samples=3,
+                                 max_new_tokens=8, batch_size=2, seed=0))
+    assert load_rows(str(tmp_path / "two.parquet")) == one
+
+
+def test_generate_resumes_after_an_interruption(tiny_model, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=9)
+    out = gen(tiny_model, prompts, tmp_path / "part.jsonl")
+    full, shards = read_jsonl(out), out + ".shards"
+    # a kill leaves saved blocks, no output, maybe a half-written temporary file; a saved block is never redone
+    os.remove(out)
+    for b in (3, 4):
+        os.remove(os.path.join(shards, f"block_{b:06d}.jsonl"))
+    with open(os.path.join(shards, "block_000003.jsonl.tmp999"), "w") as f:
+        f.write('{"index": 0, "respo')
+    first = read_jsonl(os.path.join(shards, "block_000000.jsonl"))
+    rebel.atomic_write(os.path.join(shards, "block_000000.jsonl"),
+                       "".join(json.dumps({**r, "responses": ["SAVED"] * 3}) + "\n" for r in first))
+    capsys.readouterr()
+    resumed = read_jsonl(gen(tiny_model, prompts, out))
+    assert "3 of 5 blocks already saved" in capsys.readouterr().out
+    saved = {r["index"] for r in first}
+    assert [r["responses"] == ["SAVED"] * 3 for r in resumed] == [i in saved for i in range(9)]
+    assert [r for i, r in enumerate(resumed) if i not in saved] == [r for i, r in enumerate(full) if i not in saved]
+    with pytest.raises(SystemExit, match=r"part\.jsonl\.shards holds blocks made with other settings \(temperature 0\.8 -> 1\.5\)"):
+        gen(tiny_model, prompts, out, temperature=1.5)
+    write_prompts(tmp_path / "prompts.jsonl", n=9, seed=1)  # other prompts under the same file name
+    with pytest.raises(SystemExit, match=r"other settings \(prompts_sha256"):
+        gen(tiny_model, prompts, out)
+
+
+def test_generate_bad_input_fails_before_loading_the_model(tiny_model, tmp_path, monkeypatch):
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
+    bad_prompt = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"prompt": "fine"}, {"prompt": {"text": "no"}}])
+    cases = [
+        (dict(prompts=str(tmp_path / "missing.jsonl")), r"missing\.jsonl.*no such file"),
+        (dict(prompt_column="question"), r"prompts\.jsonl: missing column 'question' \(columns: prompt\)"),
+        (dict(prompts=bad_prompt), r"bad\.jsonl row 2: prompt must be a string or a list"),
+        (dict(split="test"), r"has no split 'test'"),
+        (dict(output=str(tmp_path / "gen.csv")), r"expected a \.jsonl or \.parquet file"),
+        (dict(engine="vllm"), r"vLLM is not installed \(pip install vllm\)"),
+        (dict(engine="tgi"), r"--engine must be hf or vllm"),
+        (dict(num_samples=0), r"--num_samples must be at least 1"),
+        (dict(dtype="fp8"), r"--dtype must be"),
+    ]
+    for overrides, message in cases:
+        if overrides.get("engine") == "vllm" and generate.importlib.util.find_spec("vllm"):
+            continue
+        settings = {"prompts": prompts, "output": str(tmp_path / "gen.jsonl"), **overrides}
+        with pytest.raises(SystemExit, match=message):
+            gen(tiny_model, settings.pop("prompts"), settings.pop("output"), **settings)
+
+
+# ----------------------------------------------------------------------------- score.py
+
+def test_select_pair_and_reward_of():
+    responses = ["a", "b", "c", "d", "e"]
+    assert score.select_pair([0.1, 0.9, 0.5, 0.9, 0.1], responses, [False] * 5, True) == (1, 0, None)  # first of equals
+    assert score.select_pair([0.1, 0.9, 0.5, 0.2, 0.0], responses, [False, False, True, False, False], True)[2] == "a response hit the token limit"
+    assert score.select_pair([0.1, 0.9, 0.5, 0.2, 0.0], responses, [False, False, True, False, False], False) == (1, 4, None)
+    assert score.select_pair([0.3] * 5, responses, [False] * 5, True)[2] == "all rewards equal"
+    assert score.select_pair([0.9, 0.5, 0.1], ["same", "b", "same"], [False] * 3, True)[2] == "chosen and rejected are the same text"
+    armo = SimpleNamespace(score=torch.tensor([1.5, -2.0]), logits=torch.tensor([1.5, -2.0]))
+    ordinary = SimpleNamespace(logits=torch.tensor([[0.5], [0.25]]))
+    assert score.reward_of(armo).tolist() == [1.5, -2.0] and score.reward_of(ordinary).tolist() == [0.5, 0.25]
+
+
+def generations(n, k=3, seed=0, long_every=0):
+    """generate.py-like rows of random words; every `long_every`-th response is long (past a small max_length)."""
+    import random
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        responses = [" ".join(rng.choices(WORDS, k=40 if long_every and (i * k + j) % long_every == 0 else rng.randint(1, 12)))
+                     for j in range(k)]
+        rows.append(dict(prompt_id=i, prompt=" ".join(rng.choices(WORDS, k=rng.randint(1, 8))), responses=responses,
+                         truncated=[False] * k, num_tokens=[len(r) for r in responses], source=f"s{i}"))
+    return rows
+
+
+def test_score_with_a_reward_model_matches_scoring_one_at_a_time(reward_model, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+    rows = generations(7, long_every=4)
+    data = write_jsonl(tmp_path / "gen.jsonl", rows)
+    out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=reward_model, max_length=48))
+    # the reference: each (prompt, response) alone, no padding, through the same chat template and cut
+    tokenizer = rebel.load_tokenizer(reward_model)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    expected, cut = [], 0
+    for row in rows:
+        rewards = []
+        for response in row["responses"]:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": response}], tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            cut += len(ids) > 48
+            with torch.no_grad():
+                rewards.append(model(torch.tensor([ids[:48]])).logits[0, 0].item())
+        expected.append(rewards)
+    assert cut >= 3 and f"{cut} of 21 reward-model inputs were cut to max_length=48 tokens" in capsys.readouterr().out
+    assert len(out) == 7 and [r["prompt_id"] for r in out] == list(range(7)) and [r["source"] for r in out] == [f"s{i}" for i in range(7)]
+    for row, rewards in zip(out, expected):
+        assert row["rewards"] == pytest.approx(rewards, abs=1e-5)
+        best, worst = max(range(3), key=lambda j: rewards[j]), min(range(3), key=lambda j: rewards[j])
+        assert (row["chosen"], row["rejected"]) == (row["responses"][best], row["responses"][worst])
+        assert (row["chosen_reward"], row["rejected_reward"]) == (row["rewards"][best], row["rewards"][worst])
+
+
+REWARD_FN = '''
+import math, os
+
+def count_x(prompt, response):
+    with open(os.environ["CALLS_FILE"], "a") as f:
+        f.write("call\\n")
+    return response.count("x")
+
+def fails_on_row_1(prompt, response):
+    return 1 / 0 if prompt == "p1" else 1.0
+
+def nan_on_row_2(prompt, response):
+    return math.nan if prompt == "p2" and response == "b" else 1.0
+'''
+
+
+def test_score_with_a_reward_function_drops_splits_and_resumes(tmp_path, capsys, monkeypatch):
+    fn = tmp_path / "rewards.py"
+    fn.write_text(REWARD_FN)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("CALLS_FILE", str(calls))
+    rows = [dict(prompt=f"p{i}", responses=["x" * (1 + i % 3), "x" * (2 + i % 4), "y" * i], truncated=[False] * 3) for i in range(12)]
+    rows[1]["responses"] = ["a", "b", "c"]                           # all rewards 0: a tie
+    rows[4]["truncated"] = [False, True, False]                       # dropped unless --drop_truncated false
+    data = write_jsonl(tmp_path / "gen.jsonl", rows)
+    capsys.readouterr()
+    out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_fn=f"{fn}:count_x"))
+    printed = capsys.readouterr().out
+    assert "dropped 2 of 12 prompts | 1 a response hit the token limit | 1 all rewards equal | 10 pairs kept" in printed
+    assert "mean gap chosen − rejected" in printed
+    assert [r["prompt"] for r in out] == [f"p{i}" for i in range(12) if i not in (1, 4)]
+    for r in out:
+        assert r["rewards"] == [float(s.count("x")) for s in r["responses"]]
+        assert r["chosen_reward"] == max(r["rewards"]) and r["rejected_reward"] == min(r["rewards"]) == 0.0
+        assert r["chosen"].count("x") == r["chosen_reward"] and "x" not in r["rejected"]
+    assert len(open(calls).readlines()) == 36
+
+    # resume: only the missing block is scored again, and the output is the same
+    os.remove(tmp_path / "pairs.jsonl")
+    os.remove(tmp_path / "pairs.jsonl.shards" / "block_000002.jsonl")
+    assert read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_fn=f"{fn}:count_x")) == out
+    assert len(open(calls).readlines()) == 36 + 9
+
+    kept = read_jsonl(run_score(data, tmp_path / "all.jsonl", reward_fn=f"{fn}:count_x", drop_truncated=False))
+    assert [r["prompt"] for r in kept] == [f"p{i}" for i in range(12) if i != 1]
+
+    # a seeded train/test split in one folder, with the split names rebel.py reads by default
+    folder = run_score(data, tmp_path / "split", reward_fn=f"{fn}:count_x", test_size=3, seed=5)
+    train, test = rebel.load_split(folder, "train_prefs").to_list(), rebel.load_split(folder, "test_prefs").to_list()
+    assert len(train) == 7 and len(test) == 3
+    assert sorted(r["prompt"] for r in train + test) == sorted(r["prompt"] for r in out)
+    other = run_score(data, tmp_path / "split2", reward_fn=f"{fn}:count_x", test_size=3, seed=6)
+    assert rebel.load_split(other, "test_prefs").to_list() != test
+
+
+def test_score_bad_input_names_the_row(reward_model, tmp_path, monkeypatch):
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the reward model was loaded before the input was checked")
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", no_model)
+    fn = tmp_path / "rewards.py"
+    fn.write_text(REWARD_FN)
+    good = [dict(prompt=f"p{i}", responses=["a", "b", "c"], truncated=[False] * 3) for i in range(5)]
+
+    def data(name, rows):
+        return write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    cases = [
+        (dict(input=data("no_responses", [{"prompt": r["prompt"]} for r in good])), r"no_responses\.jsonl: missing column 'responses'"),
+        (dict(input=data("no_truncated", [{k: v for k, v in r.items() if k != "truncated"} for r in good])),
+         r"missing column 'truncated'.*--drop_truncated false"),
+        (dict(input=data("empty", [{**r, "responses": [], "truncated": []} if i == 2 else r for i, r in enumerate(good)])),
+         r"empty\.jsonl row 2: 'responses' must be a non-empty list of strings"),
+        (dict(input=data("unequal", [{**r, "responses": ["a", "b"], "truncated": [False] * 2} if i == 3 else r for i, r in enumerate(good)])),
+         r"unequal\.jsonl row 3: 2 responses where row 0 has 3"),
+        (dict(input=data("one", [{**r, "responses": ["a"], "truncated": [False]} for r in good])), r"1 response per prompt; a pair needs at least 2"),
+        (dict(reward_fn=f"{fn}:fails_on_row_1"), r"raised on row 1, response 0: ZeroDivisionError"),
+        (dict(reward_fn=f"{fn}:nan_on_row_2"), r"on row 2, response 1: the reward must be a finite number, got nan"),
+        (dict(reward_fn=f"{tmp_path}/nowhere.py:f"), r"no file .*nowhere\.py"),
+        (dict(reward_fn=f"{fn}:missing"), r"rewards\.py has no function 'missing'"),
+        (dict(reward_fn=str(fn)), r"--reward_fn must be path/to/file\.py:function_name"),
+        (dict(test_size=2), r"--test_size writes a datasets folder"),
+        (dict(output=str(tmp_path / "pairs.csv")), r"expected a \.jsonl or \.parquet file"),
+    ]
+    for n, (overrides, message) in enumerate(cases):
+        settings = {"input": data("good", good), "output": str(tmp_path / f"out{n}.jsonl"), "reward_model": reward_model, **overrides}
+        with pytest.raises(SystemExit, match=message):
+            run_score(settings.pop("input"), settings.pop("output"), **settings)
+
+
+def test_score_two_processes_equal_one(reward_model, tmp_path):
+    data = write_jsonl(tmp_path / "gen.jsonl", generations(7, long_every=5))
+    one = read_jsonl(run_score(data, tmp_path / "one.jsonl", reward_model=reward_model, max_length=48))
+    torchrun("score.py", dict(input=data, output=tmp_path / "two.jsonl", reward_model=reward_model, max_length=48, batch_size=4, block_size=3))
+    two = read_jsonl(str(tmp_path / "two.jsonl"))
+    assert [{k: v for k, v in r.items() if "reward" not in k} for r in two] == [{k: v for k, v in r.items() if "reward" not in k} for r in one]
+    assert [x for r in two for x in r["rewards"]] == pytest.approx([x for r in one for x in r["rewards"]], abs=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(rebel, "main"), reason="rebel.py's training entry point is not written yet")
+def test_generated_and_scored_pairs_train_with_rebel(tiny_model, tmp_path):
+    fn = tmp_path / "rewards.py"
+    fn.write_text("def length(prompt, response):\n    return len(response)\n")
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=16)
+    generated = gen(tiny_model, prompts, tmp_path / "gen.jsonl", num_samples=3, max_new_tokens=8, batch_size=4)
+    pairs = run_score(generated, tmp_path / "pairs", reward_fn=f"{fn}:length", drop_truncated=False, test_size=4)
+    n_train = len(rebel.load_split(pairs, "train_prefs"))
+    assert n_train >= 8
+    out = tmp_path / "run"
+    rebel.main(rebel.Config(model=tiny_model, dataset=pairs, output_dir=str(out), total_episodes=8, batch_size=4, micro_batch_size=2,
+                            eval_micro_batch_size=4, eta=1.0, lr=1e-3, warmup_ratio=0.25, eval_every=1, save_every=0,
+                            activation_checkpointing=False, seed=1))
+    metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert [m["update"] for m in metrics if "val_loss" in m] == [0, 1, 2]
+    assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+
+
+def test_generate_and_score_help_document_every_flag(capsys):
+    for module in (generate, score):
+        with pytest.raises(SystemExit) as done:
+            rebel.parse_config(module.Config, ["--help"])
+        out = capsys.readouterr().out
+        assert done.value.code == 0 and out.startswith("usage:")
+        for field in rebel.dataclasses.fields(module.Config):
+            assert f"--{field.name}" in out and field.metadata["help"].split()[0] in out
+    cfg = rebel.parse_config(score.Config, ["--drop_truncated", "false", "--test_size", "3", "--reward_fn", "f.py:g"])
+    assert (cfg.drop_truncated, cfg.test_size, cfg.reward_fn) == (False, 3, "f.py:g")
 
 
 # ----------------------------------------------------------------------------- benchmark: RUN_BENCH=1 pytest -k bench -s
