@@ -9,6 +9,7 @@ Llama-3-style chat template, saved with save_pretrained so that the scripts' rea
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 sys.path.insert(0, HERE)
 
+import eval_gsm8k  # noqa: E402
 import generate  # noqa: E402
 import rebel  # noqa: E402
 import score  # noqa: E402
@@ -84,7 +86,6 @@ WORDS = "the quick brown fox jumps over a lazy dog while sea and sky and wind ar
 
 def write_pairs(path, n=40, seed=0, schema="common", message_prompts=False):
     """Preference pairs of random words in the common schema (rejected, rejected_reward) or Cornell-AGI's (reject...)."""
-    import random
     rng = random.Random(seed)
     rejected, rejected_reward = ("rejected", "rejected_reward") if schema == "common" else ("reject", "reject_reward")
     rows = []
@@ -330,7 +331,6 @@ def write_jsonl(path, rows):
 
 
 def write_prompts(path, n, seed=0, ids=False, messages=False):
-    import random
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -502,7 +502,6 @@ def test_select_pair_and_reward_of():
 
 def generations(n, k=3, seed=0, long_every=0):
     """generate.py-like rows of random words; every `long_every`-th response is long (past a small max_length)."""
-    import random
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -671,6 +670,213 @@ def test_generate_and_score_help_document_every_flag(capsys):
     assert (cfg.drop_truncated, cfg.test_size, cfg.reward_fn) == (False, 3, "f.py:g")
 
 
+# ----------------------------------------------------------------------------- eval_gsm8k.py
+
+GSM8K = os.path.join(SHARED_DATA, "gsm8k")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def gsm8k():
+    return read_jsonl(os.path.join(GSM8K, "train.jsonl")), read_jsonl(os.path.join(GSM8K, "test.jsonl"))
+
+
+def test_gsm8k_prompts_are_the_harness_prompts(gsm8k):
+    train, test = gsm8k
+    prompts = eval_gsm8k.build_prompts(test, train)
+    assert len(prompts) == len(test) == 1319
+    # Shots of test questions 0, 1 and 1318, worked out once from the harness's definition (ContextSampler: one
+    # random.Random(1234), .sample(train, 5) per test question in test order, nothing removed since train != test):
+    shots = {0: [6374, 3610, 957, 61, 742], 1: [7462, 6610, 4769, 286, 5501], 1318: [220, 4179, 6064, 5599, 5541]}
+    for i, indices in shots.items():
+        expected = "".join("Question: " + train[j]["question"] + "\nAnswer: " + train[j]["answer"] + "\n\n" for j in indices)
+        assert prompts[i] == expected + "Question: " + test[i]["question"] + "\nAnswer:"
+    # the same facts as literal text
+    assert prompts[0].startswith("Question: Jen and Tyler are gymnasts practicing flips. Jen is practicing")
+    assert "\n#### 12\n\nQuestion: Four people in a law firm are planning a party." in prompts[0]
+    assert prompts[0].endswith(
+        "\n\nQuestion: Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
+        "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck "
+        "egg. How much in dollars does she make every day at the farmers' market?\nAnswer:")
+    # every prompt, re-derived on indices with an independent generator
+    rnd = random.Random(1234)
+    for doc, prompt in zip(test, prompts):
+        context = "".join(f"Question: {train[j]['question']}\nAnswer: {train[j]['answer']}\n\n"
+                          for j in rnd.sample(range(len(train)), 5))
+        assert prompt == f"{context}Question: {doc['question']}\nAnswer:"
+    # a prompt depends on its position only: a prefix of the test set (--limit) gets the same prompts
+    assert eval_gsm8k.build_prompts(test[:8], train) == prompts[:8]
+    assert eval_gsm8k.build_prompts(test[:2], train, num_fewshot=0) == [f"Question: {d['question']}\nAnswer:" for d in test[:2]]
+    assert eval_gsm8k.build_prompts(test[:1], train, seed=1) != prompts[:1]
+
+
+EOT = eval_gsm8k.STOP + ("<|eot_id|>",)
+
+
+# generation, answer field, stop strings, expected (strict, flexible) extraction, expected (strict, flexible) correctness
+@pytest.mark.parametrize("generation, answer, stop, extracted, correct", [
+    ("16 - 3 - 4 = 9 eggs, so she makes 9 * 2 = $18.\n#### 18", "9 * 2 = 18\n#### 18", None, ("18", "18"), (True, True)),
+    ("#### 1,000", "#### 1000", None, ("1,000", "1,000"), (True, True)),  # commas removed on both sides
+    ("She earns 1,234, which is plenty", "#### 1234", None, ("[invalid]", "1,234,"), (False, True)),
+    ("The answer is $18.", "#### 18", None, ("[invalid]", "$18."), (False, True)),  # '$' and the final '.' removed
+    ("#### 18.", "#### 18", None, ("18.", "18."), (True, True)),
+    ("So she makes 18 dollars every day.", "#### 18", None, ("[invalid]", "18"), (False, True)),  # no '####'
+    ("####18", "#### 18", None, ("[invalid]", "18"), (False, True)),  # '#### ' needs the space
+    ("so the answer is 7.", "#### 7", None, ("[invalid]", "7."), (False, True)),
+    ("2 + 2 = 4\n#### 4\n\nQuestion: Tom has 3 apples and gets 2 more.\nAnswer: 3 + 2 = 5\n#### 5", "#### 4", None,
+     ("4", "4"), (True, True)),  # everything after "Question:" is cut
+    ("#### 7</s>#### 8", "#### 8", None, ("7", "7"), (False, False)),
+    ("The answer is 12<|im_end|>\n12 + 1 = 13", "#### 12", None, ("[invalid]", "12"), (False, True)),
+    ("#### 4<|eot_id|>#### 5", "#### 5", EOT, ("4", "4"), (False, False)),  # the tokenizer's end token is a stop too
+    ("#### 4<|eot_id|>#### 5", "#### 5", None, ("4", "5"), (False, True)),
+    ("#### 5\n#### 6", "#### 6", None, ("5", "6"), (False, True)),  # strict: the first '####', flexible: the last number
+    ("3 + 4 = 7 apples, then 7 * 2 = 14 in total", "#### 14", None, ("[invalid]", "14"), (False, True)),
+    ("I have 12 apples and ate 1", "#### 12", None, ("[invalid]", "1"), (False, False)),
+    ("5-3 = 2", "#### 2", None, ("[invalid]", "2"), (False, True)),
+    ("It drops to -5 degrees.\n#### -5", "#### -5", None, ("-5", "-5"), (True, True)),
+    ("The loss is -$5.", "#### -5", None, ("[invalid]", "-$5."), (False, True)),
+    ("Each costs 2.50, so 2.5\n#### 2.5", "#### 2.5", None, ("2.5", "2.5"), (True, True)),
+    ("#### 18.00", "#### 18", None, ("18.00", "18.00"), (False, False)),  # no numeric comparison, as in the harness
+    ("The answer is 42...", "#### 42", None, ("[invalid]", "42..."), (False, False)),  # only one final '.' goes
+    ("", "#### 3", None, ("[invalid]", "[invalid]"), (False, False)),
+])
+def test_gsm8k_extraction_and_scoring(generation, answer, stop, extracted, correct):
+    stop = eval_gsm8k.STOP if stop is None else stop
+    assert eval_gsm8k.extract(generation, stop) == extracted
+    assert eval_gsm8k.score(generation, answer, stop) == {"strict": correct[0], "flexible": correct[1]}
+
+
+def test_gsm8k_every_gold_answer_scores_correct(gsm8k):
+    train, test = gsm8k
+    for doc in train + test:
+        assert eval_gsm8k.score(doc["answer"], doc["answer"]) == {"strict": True, "flexible": True}, doc["answer"]
+        assert eval_gsm8k.extract(doc["answer"])[0] == doc["answer"].split("#### ")[-1]
+    assert eval_gsm8k.mean_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx(0.25)  # sqrt((3·1/16 + 9/16) / 3) / 2
+    assert eval_gsm8k.mean_stderr([1.0]) is None
+
+
+def test_gsm8k_early_stop_equals_full_generation_then_cut(tiny_model, gsm8k):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    ids = tokenizer([f"Question: {d['question']}\nAnswer:" for d in gsm8k[1][:4]], add_special_tokens=False)["input_ids"]
+    full = eval_gsm8k.generate(model, tokenizer, ids, 24, (), tokenizer.eos_token_id)
+    # stop strings that the generations do contain (printable ASCII: a partly decoded character shows as U+FFFD)
+    stop = tuple(next(t[k:k + 2] for k in range(6, len(t)) if t[k:k + 2].isascii() and t[k:k + 2].isprintable()) for t in full)
+    early = eval_gsm8k.generate(model, tokenizer, ids, 24, stop, tokenizer.eos_token_id)
+    assert [eval_gsm8k.cut(t, stop) for t in early] == [eval_gsm8k.cut(t, stop) for t in full]
+    assert max(map(len, early)) < max(map(len, full))  # it did stop early
+
+
+def run_eval(model, output, **overrides):
+    settings = dict(model=model, data=GSM8K, output=str(output), limit=8, num_fewshot=1, batch_size=3, max_new_tokens=12)
+    settings.update(overrides)
+    eval_gsm8k.main(eval_gsm8k.Config(**settings))
+    return read_json(os.path.join(output, "summary.json")), read_jsonl(os.path.join(output, "samples.jsonl"))
+
+
+def test_gsm8k_tiny_model_end_to_end_and_two_processes(tiny_model, gsm8k, tmp_path):
+    train, test = gsm8k
+    summary, records = run_eval(tiny_model, tmp_path / "one")
+    prompts = eval_gsm8k.build_prompts(test, train, num_fewshot=1)
+    assert [r["index"] for r in records] == list(range(8))
+    for r in records:
+        assert r["prompt"] == prompts[r["index"]]
+        assert (r["strict_answer"], r["flexible_answer"]) == eval_gsm8k.extract(r["generation"], EOT)
+        assert {"strict": r["strict_correct"], "flexible": r["flexible_correct"]} == eval_gsm8k.score(
+            r["generation"], test[r["index"]]["answer"], EOT)
+        assert r["gold"] == test[r["index"]]["answer"].split("#### ")[-1].replace(",", "")
+    for name, key in (("strict-match", "strict_correct"), ("flexible-extract", "flexible_correct")):
+        values = [float(r[key]) for r in records]
+        assert summary[name]["accuracy"] == sum(values) / 8 and summary[name]["correct"] == sum(values)
+        assert summary[name]["stderr"] == eval_gsm8k.mean_stderr(values)
+    assert summary["questions"] == 8 and summary["settings"]["limit"] == 8 and summary["runtime"]["processes"] == 1
+    # left padding is right: one question per batch generates the same text
+    assert run_eval(tiny_model, tmp_path / "unbatched", batch_size=1)[1] == records
+    # two processes (each a share of the batches) write the same records and results
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(HERE, "eval_gsm8k.py"), "--model", tiny_model, "--data", GSM8K, "--output", str(tmp_path / "two"),
+               "--limit", "8", "--num_fewshot", "1", "--batch_size", "3", "--max_new_tokens", "12"]
+    subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=300)
+    two = read_json(tmp_path / "two" / "summary.json")
+    assert read_jsonl(tmp_path / "two" / "samples.jsonl") == records and two["runtime"]["processes"] == 2
+    assert {k: v for k, v in two.items() if k not in ("runtime", "settings")} == {
+        k: v for k, v in summary.items() if k not in ("runtime", "settings")}
+
+
+def test_gsm8k_chat_template_wraps_the_whole_prompt(tiny_model, gsm8k, tmp_path):
+    train, test = gsm8k
+    _, records = run_eval(tiny_model, tmp_path, limit=2, max_new_tokens=2, chat_template=True)
+    for r, prompt in zip(records, eval_gsm8k.build_prompts(test, train, num_fewshot=1)):
+        assert r["prompt"] == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + prompt
+                               + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_gsm8k_bos_token_only_when_asked_and_never_twice(tiny_model):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    bos = tokenizer.bos_token_id
+    # a tokenizer that adds BOS by itself, as Llama-3's does
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<|begin_of_text|> $A",
+                                                                    special_tokens=[("<|begin_of_text|>", bos)])
+    plain = "Question: How many?\nAnswer:"
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": plain}], tokenize=False, add_generation_prompt=True)
+    text_ids = tokenizer(plain, add_special_tokens=False)["input_ids"]
+    assert eval_gsm8k.encode(tokenizer, [plain]) == [text_ids]  # lm-eval's old default: no BOS
+    assert eval_gsm8k.encode(tokenizer, [plain], add_bos_token=True) == [[bos] + text_ids]
+    for flag in (False, True):  # the template's own BOS, once
+        ids = eval_gsm8k.encode(tokenizer, [templated], add_bos_token=flag)[0]
+        assert ids[0] == bos and ids.count(bos) == 1
+
+
+def test_gsm8k_bad_input_fails_clearly_before_loading_the_model(gsm8k, tmp_path):
+    not_a_model = tmp_path / "empty"  # a folder without a model: loading it would raise something else
+    not_a_model.mkdir()
+
+    def error(data, **overrides):
+        settings = dict(model=str(not_a_model), data=str(data), output=str(tmp_path / "out"))
+        settings.update(overrides)
+        with pytest.raises(SystemExit) as e:
+            eval_gsm8k.main(eval_gsm8k.Config(**settings))
+        return str(e.value)
+
+    def data_folder(name, test_lines, train=True):
+        folder = tmp_path / name
+        folder.mkdir()
+        if train:
+            (folder / "train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in gsm8k[0][:10]))
+        (folder / "test.jsonl").write_text("".join(line + "\n" for line in test_lines))
+        return folder
+
+    good = [json.dumps(d) for d in gsm8k[1][:3]]
+    assert "train.jsonl: no such file" in error(data_folder("no_train", good, train=False))
+    path = os.path.join(data_folder("no_answer", good[:2] + ['{"question": "How many?"}'] + good), "test.jsonl")
+    assert error(os.path.dirname(path)) == f"error: {path} line 3: expected a JSON object with a string 'answer'"
+    assert "test.jsonl line 2: not valid JSON" in error(data_folder("not_json", good[:1] + ["{oops"]))
+    assert "line 1: the answer has no '#### '" in error(data_folder("no_hashes", ['{"question": "q", "answer": "18"}']))
+    assert "--num_fewshot 11 is more than the 10 train questions" in error(data_folder("few", good), num_fewshot=11)
+    assert "--limit must be >= 0" in error(GSM8K, limit=-1)
+    assert "--batch_size and --max_new_tokens >= 1" in error(GSM8K, batch_size=0)
+    assert "no such folder, and not a Hub id" in error(tmp_path / "missing")
+    assert "no such folder, and not a Hub id" in error(GSM8K, model=str(tmp_path / "no" / "model" / "here"))
+
+
+def test_gsm8k_help_documents_every_flag(capsys):
+    from rebel import parse_config
+    with pytest.raises(SystemExit):
+        parse_config(eval_gsm8k.Config, ["--help"])
+    text = capsys.readouterr().out
+    for name in ("model", "data", "num_fewshot", "limit", "batch_size", "max_new_tokens", "dtype", "output",
+                 "chat_template", "add_bos_token"):
+        assert f"--{name}" in text
+
+
 # ----------------------------------------------------------------------------- the demo: python test_rebel.py demo
 
 def demo_reward(prompt, response):
@@ -700,7 +906,6 @@ def run_demo(out="runs/demo", iterations=3, num_prompts=256, num_eval_prompts=64
     """The whole REBEL loop on a tiny Llama, CPU only: for each iteration, sample K responses per prompt from the current
     policy (generate.py), keep the best and worst under a rule-based reward (score.py --reward_fn), train from the
     current policy with REBEL (rebel.py), and measure the new policy's mean reward on held-out prompts."""
-    import random
     import time
     start = time.time()
     os.makedirs(out, exist_ok=True)
@@ -763,7 +968,6 @@ BENCH_MAX_PROMPT, BENCH_MAX_RESPONSE = 1024, 2048  # the authors' fixed maxima (
 
 def alpaca_pairs(tokenizer, seed=0):
     """Real lengths: AlpacaEval instructions, chosen = Llama-3-8B-Instruct's answer, rejected = REBEL's answer."""
-    import random
     rng = random.Random(seed)
     llama = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "Meta-Llama-3-8B-Instruct.json")))
     rebel_answers = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "REBEL-Llama-3-8B-Instruct-Armo.json")))
