@@ -1074,6 +1074,30 @@ def test_bench(tmp_path):
             padded_full_logprobs(model, pairs[i], 0.8, pad_id)
         theirs = (time.time() - start) * 8
     rows.append(("reference pass", f"{64 / theirs:.2f} pairs/s", f"{64 / ours:.2f} pairs/s", theirs / ours))
+
+    # 4. generation: new tokens/s of one batched call (16 prompts) against one prompt per call; the random model never
+    #    stops early, so both make the same number of tokens
+    model.eval()
+    settings = SimpleNamespace(temperature=0.8, top_p=0.9, max_new_tokens=32, num_samples=5)
+    stop_ids = [tokenizer.eos_token_id]
+    tokenizer.padding_side = "left"
+    prompts = [generate.prompt_tokens(tokenizer, a["instruction"], "alpaca") for a in llama[:16]]
+    timed = {}
+    for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:4]])):
+        start, tokens = time.time(), 0
+        for group in groups:
+            tokens += sum(n for samples in generate.hf_sample(model, tokenizer, group, settings, stop_ids, 0) for _, _, n in samples)
+        timed[name] = tokens / (time.time() - start)
+    rows.append(("generate.py, 5 samples per prompt (new tokens/s)", f"{timed['one']:.0f}", f"{timed['batched']:.0f}", timed["batched"] / timed["one"]))
+    gsm8k_train, gsm8k_test = (read_jsonl(os.path.join(SHARED_DATA, "gsm8k", f"{s}.jsonl")) for s in ("train", "test"))
+    prompts = [eval_gsm8k.encode(tokenizer, [p])[0] for p in eval_gsm8k.build_prompts(gsm8k_test[:16], gsm8k_train)]
+    for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:4]])):
+        start, count = time.time(), 0
+        for group in groups:
+            eval_gsm8k.generate(model, tokenizer, group, 32, eval_gsm8k.STOP, tokenizer.eos_token_id)
+            count += 32 * len(group)
+        timed[name] = count / (time.time() - start)
+    rows.append(("eval_gsm8k.py, greedy 5-shot (new tokens/s)", f"{timed['one']:.0f}", f"{timed['batched']:.0f}", timed["batched"] / timed["one"]))
     print_table(rows)
 
 
