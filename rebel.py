@@ -76,6 +76,12 @@ class Config:
     save_final: bool = arg(True, "write a consolidated Hugging Face model to output_dir/final")
 
 
+# what a resumed run may not change: it would change the data, the reference or the optimisation already done
+FIXED_ON_RESUME = ("model", "dataset", "train_split", "eval_split", "eval_size", "seed", "eta", "lr", "beta1", "beta2",
+                   "adam_eps", "weight_decay", "warmup_ratio", "temperature", "total_episodes", "batch_size",
+                   "max_prompt_len", "max_response_len", "max_grad_norm", "dtype")
+
+
 # ----------------------------------------------------------------------------- helpers shared with sibling scripts
 
 def to_bool(text):
@@ -106,11 +112,19 @@ def init_distributed():
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        backend, gpu = ("nccl", device) if device.type == "cuda" else ("gloo", None)
         if "RANK" in os.environ:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend, device_id=gpu)
         else:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=gpu)
     return rank, world_size, device
+
+
+def from_rank0(value):
+    """Rank 0's value on every rank: decisions read from a shared filesystem must not differ between processes."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def print0(*args):
@@ -199,40 +213,53 @@ def pick_column(columns, names, where):
     fail(f"{where}: missing column {' or '.join(map(repr, names))} (columns: {', '.join(columns)})")
 
 
-def tokenize_pairs(rows, tokenizer, where):
+def tokenize_pairs(rows, tokenizer, where, rank=0, world_size=1):
     """Chat-template each pair. prompt ids = template of the user turn(s) + generation prompt; response ids = the tokens
     the template adds for the assistant turn, end-of-turn token included. Rewards are checked here, before any model work.
-    Returns one dict per row, `index` being its row in the input split."""
+    Each process does every world_size-th row; all get all pairs (one dict per row, `index` = its row in the split)."""
     cols = rows.column_names
-    prompt_col = pick_column(cols, ["prompt"], where)
-    chosen_col = pick_column(cols, ["chosen"], where)
-    rejected_col = pick_column(cols, ["rejected", "reject"], where)
-    chosen_reward_col = pick_column(cols, ["chosen_reward"], where)
-    rejected_reward_col = pick_column(cols, ["rejected_reward", "reject_reward"], where)
-    pairs = []
-    for i, row in enumerate(tqdm(rows, desc=f"tokenize {where}", unit="pair", disable=len(rows) < 1000)):
-        rewards = []
-        for col in (chosen_reward_col, rejected_reward_col):
-            value = row[col]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(f"{where} row {i}: column {col!r} must be a finite number, got {value!r}")
-            rewards.append(float(value))
-        messages = chat_messages(row[prompt_col], f"{where} row {i}")
-        prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        responses = []
-        for col in (chosen_col, rejected_col):
-            if not isinstance(row[col], str):
-                fail(f"{where} row {i}: column {col!r} must be a string (the assistant's response), got {type(row[col]).__name__}")
-            full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": row[col]}], tokenize=False)
-            full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-            if full_ids[:len(prompt_ids)] != prompt_ids:
-                fail(f"{where} row {i}: the templated prompt is not a prefix of the templated conversation; "
-                     "this chat template cannot be split into prompt and response tokens")
-            responses.append(full_ids[len(prompt_ids):])
-        pairs.append(dict(index=i, prompt_ids=prompt_ids, chosen_ids=responses[0], rejected_ids=responses[1],
-                          chosen_reward=rewards[0], rejected_reward=rewards[1]))
-    return pairs
+    columns = [pick_column(cols, names, where) for names in
+               (["prompt"], ["chosen"], ["rejected", "reject"], ["chosen_reward"], ["rejected_reward", "reject_reward"])]
+    pairs, error = [], None
+    for i in tqdm(range(rank, len(rows), world_size), desc=f"tokenize {where}", unit="pair", disable=rank != 0 or len(rows) < 1000):
+        try:
+            pairs.append(tokenize_row(rows[i], i, columns, tokenizer, where))
+        except SystemExit as e:  # a bad row: every process must stop with the first one's message, not hang below
+            error = (i, str(e))
+            break
+    parts = [(pairs, error)]
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, (pairs, error))
+    errors = sorted(e for _, e in parts if e)
+    if errors:
+        raise SystemExit(errors[0][1])
+    return sorted((p for part, _ in parts for p in part), key=lambda p: p["index"])
+
+
+def tokenize_row(row, i, columns, tokenizer, where):
+    prompt_col, chosen_col, rejected_col, chosen_reward_col, rejected_reward_col = columns
+    rewards = []
+    for col in (chosen_reward_col, rejected_reward_col):
+        value = row[col]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(f"{where} row {i}: column {col!r} must be a finite number, got {value!r}")
+        rewards.append(float(value))
+    messages = chat_messages(row[prompt_col], f"{where} row {i}")
+    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    responses = []
+    for col in (chosen_col, rejected_col):
+        if not isinstance(row[col], str):
+            fail(f"{where} row {i}: column {col!r} must be a string (the assistant's response), got {type(row[col]).__name__}")
+        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": row[col]}], tokenize=False)
+        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        if full_ids[:len(prompt_ids)] != prompt_ids:
+            fail(f"{where} row {i}: the templated prompt is not a prefix of the templated conversation; "
+                 "this chat template cannot be split into prompt and response tokens")
+        responses.append(full_ids[len(prompt_ids):])
+    return dict(index=i, prompt_ids=prompt_ids, chosen_ids=responses[0], rejected_ids=responses[1],
+                chosen_reward=rewards[0], rejected_reward=rewards[1])
 
 
 def filter_by_length(pairs, max_prompt_len, max_response_len, where):
@@ -269,11 +296,12 @@ def load_pairs(cfg, tokenizer):
             fail(f"--eval_size {cfg.eval_size} leaves nothing to train on ({len(train_rows)} rows in {cfg.dataset})")
         held_out = set(torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.eval_size].tolist())
         print0(f"no eval split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of the train data")
-    pairs = tokenize_pairs(train_rows, tokenizer, f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    pairs = tokenize_pairs(train_rows, tokenizer, f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]", rank, world_size)
     train_pairs = [p for p in pairs if p["index"] not in held_out]
     eval_pairs = [p for p in pairs if p["index"] in held_out]
     if eval_rows is not None:
-        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]")
+        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", rank, world_size)
     train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
     if eval_pairs:
         eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
@@ -299,9 +327,14 @@ def global_batch(num_pairs, batch_size, update, seed):
     return positions
 
 
+def padded_width(pair):
+    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+
+
 def micro_batches(pairs, positions, micro_batch_size):
-    """Sort a batch by length and cut it into micro-batches, so each pads only to a similar neighbour's length."""
-    ordered = sorted(positions, key=lambda i: (pair_tokens(pairs[i]), i))
+    """Sort a batch by padded length, longest first (an out-of-memory shows at once), and cut it into micro-batches,
+    so each pads only to a similar neighbour's length."""
+    ordered = sorted(positions, key=lambda i: (-padded_width(pairs[i]), i))
     return [[pairs[i] for i in ordered[s:s + micro_batch_size]] for s in range(0, len(ordered), micro_batch_size)]
 
 
@@ -313,37 +346,41 @@ def for_rank(batches, rank, world_size):
 
 
 def collate(pairs, pad_id):
-    """Chosen sequences then rejected ones, right-padded to the longest in this micro-batch only. `response_mask` marks
-    the tokens whose log-prob counts: every response token, end-of-turn included."""
+    """Chosen sequences then rejected ones, right-padded to the longest in this micro-batch only (causal attention
+    never looks right, so the pads need no attention mask). Where the log-probs count, every response token,
+    end-of-turn included: `positions` index the flattened [sequence × width] hidden states that predict them (one
+    before each), `rows` their sequence. Built here on the CPU, so the GPU never waits on a boolean mask."""
     sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
     width = max(len(q) + len(r) for q, r in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    positions, rows = [], []
     for row, (q, r) in enumerate(sequences):
         input_ids[row, :len(q) + len(r)] = torch.tensor(q + r)
-        attention_mask[row, :len(q) + len(r)] = 1
-        response_mask[row, len(q):len(q) + len(r)] = True
-    return input_ids, attention_mask, response_mask
+        positions += range(row * width + len(q) - 1, row * width + len(q) + len(r) - 1)
+        rows += [row] * len(r)
+    return input_ids, torch.tensor(positions), torch.tensor(rows)
+
+
+def to_device(tensors, device):
+    """Pinned host memory and non-blocking copies on GPU: the CPU keeps queueing work while the GPU computes."""
+    return [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in tensors]
 
 
 # ----------------------------------------------------------------------------- log-probs and the loss
 
 def token_logprobs(hidden, weight, targets, temperature):
-    """log softmax(h·Wᵀ / T)[target] for a chunk of positions, in fp32. (h / T)·Wᵀ saves a vocabulary-sized copy."""
-    logits = F.linear(hidden / temperature, weight).float()
+    """log softmax(h·Wᵀ / T)[target] for a chunk of positions, in fp32 (dividing in place: no second vocabulary-sized copy)."""
+    logits = F.linear(hidden, weight).float().div_(temperature)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def response_logprobs(self, input_ids, attention_mask, response_mask, temperature, chunk_size):
-    """Sum of log πθ(token | prefix) over each sequence's response tokens. A method of the policy (registered with FSDP
-    so the root's parameters are gathered): the full-vocabulary logits are never built for all positions, only for
-    response positions, `chunk_size` at a time, each chunk recomputed in backward instead of stored."""
-    hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    predicts = response_mask[:, 1:]                      # position t predicts token t+1
-    hidden = hidden[:, :-1][predicts]                    # [response tokens, hidden]
-    targets = input_ids[:, 1:][predicts]
-    rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(predicts)[predicts]
+def response_logprobs(self, input_ids, positions, rows, temperature, chunk_size):
+    """Sum of log πθ(token | prefix) over each sequence's response tokens (see `collate`). A method of the policy
+    (registered with FSDP so the root's parameters are gathered): the full-vocabulary logits are never built for all
+    positions, only for response positions, `chunk_size` at a time, each chunk recomputed in backward, not stored."""
+    hidden = self.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [response tokens, hidden]
+    targets = input_ids.reshape(-1).index_select(0, positions + 1)
     weight = self.get_output_embeddings().weight
     pieces = []
     for s in range(0, len(targets), chunk_size):
@@ -365,12 +402,12 @@ def rebel_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, reward_chos
 def all_logprobs(model, pairs, cfg, rank, world_size, device, pad_id, desc):
     """{row index: (log π(chosen), log π(rejected))} for every pair, micro-batches sharded over processes, gathered."""
     batches = micro_batches(pairs, range(len(pairs)), cfg.eval_micro_batch_size)
-    mine, results = for_rank(batches, rank, world_size), []
-    for batch in tqdm(mine, desc=desc, unit="batch", disable=rank != 0, leave=False):
-        tensors = [t.to(device) for t in collate(batch or batches[0], pad_id)]
-        logps = model.response_logprobs(*tensors, cfg.temperature, cfg.logprob_chunk).tolist()
+    done = []
+    for batch in tqdm(for_rank(batches, rank, world_size), desc=desc, unit="batch", disable=rank != 0, leave=False):
+        logps = model.response_logprobs(*to_device(collate(batch or batches[0], pad_id), device), cfg.temperature, cfg.logprob_chunk)
         if batch is not None:
-            results += [(p["index"], c, r) for p, c, r in zip(batch, logps[:len(batch)], logps[len(batch):])]
+            done.append((batch, logps.view(2, len(batch))))  # kept on the device: one host sync at the end
+    results = [(p["index"], c, r) for batch, logps in done for p, (c, r) in zip(batch, logps.T.tolist())]
     model.reshard()  # FSDP keeps the root unsharded after a forward with no backward; the optimizer needs the shards
     gathered = [None] * world_size
     dist.all_gather_object(gathered, results)
@@ -395,12 +432,13 @@ def reference_logprobs(model, splits, cfg, rank, world_size, device, pad_id, com
     """log πref of every train and eval pair, under the starting policy, with the same code as training. Cached as
     output_dir/ref_logprobs.jsonl (one row per pair) and reused when the model and the data are unchanged."""
     path, meta_path = os.path.join(cfg.output_dir, "ref_logprobs.jsonl"), os.path.join(cfg.output_dir, "ref_logprobs.meta.json")
-    key = fingerprint(cfg, compute_dtype, splits)
-    if os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == key:
+    key, ref = fingerprint(cfg, compute_dtype, splits), None
+    if rank == 0 and os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == key:
         ref = {split: {} for split in splits}
         for line in open(path):
             row = json.loads(line)
             ref[row["split"]][row["index"]] = (row["chosen_logprob"], row["rejected_logprob"])
+    if (ref := from_rank0(ref)) is not None:  # one decision for all processes
         print0(f"reference log-probs: reusing {path}")
         return ref
     start = time.time()
@@ -430,7 +468,8 @@ def evaluate(model, pairs, ref, cfg, rank, world_size, device, pad_id):
 
 
 def lr_at(update, num_updates, cfg):
-    """Linear warm-up over the first warmup_ratio of the updates, then cosine decay to 0."""
+    """Linear warm-up over the first warmup_ratio of the updates, then cosine decay to 0. Update 0 gets lr/warmup
+    (the authors' HF scheduler gives it 0, a wasted update)."""
     warmup = int(cfg.warmup_ratio * num_updates)
     if update < warmup:
         return cfg.lr * (update + 1) / warmup
@@ -459,10 +498,11 @@ def save_checkpoint(model, optimizer, update, cfg, rank):
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
     if rank == 0:
+        # rank 0's RNG (nothing in training draws random numbers; kept for forks that do)
         torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    os.path.join(partial, "rng.pt"))
         atomic_write(os.path.join(partial, "train_state.json"),
-                     json.dumps(dict(update=update, pairs_seen=update * cfg.batch_size, seed=cfg.seed)))
+                     json.dumps(dict(update=update, pairs_seen=update * cfg.batch_size, config=dataclasses.asdict(cfg))))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         for old in glob.glob(os.path.join(cfg.output_dir, "checkpoints", "update_*")):
@@ -486,16 +526,19 @@ def load_checkpoint(model, optimizer, path):
     return json.load(open(os.path.join(path, "train_state.json")))["update"]
 
 
-def save_final(model, tokenizer, cfg, rank):
+def save_final(model, cfg, rank):
     """A consolidated Hugging Face checkpoint (safetensors + tokenizer) loadable by from_pretrained, vLLM, lm-eval."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoTokenizer
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = os.path.join(cfg.output_dir, "final")
     if rank == 0:
         partial = final + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial, state_dict={k: v.to(model.config.dtype) for k, v in state.items()})
-        tokenizer.save_pretrained(partial)
+        model.save_pretrained(partial, state_dict={k: v.to(model.starting_dtype) for k, v in state.items()})
+        model.config.dtype = model.starting_dtype  # save_pretrained wrote the fp32 of the live weights
+        model.config.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(cfg.model).save_pretrained(partial)  # as it was: without the pad set for training
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
     dist.barrier()
@@ -508,12 +551,17 @@ def build_model(cfg, device, dtype):
     """fp32 master weights, FSDP2 on every decoder layer then the root; `dtype` compute (bf16 on GPU)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    model.config.dtype = config.dtype or torch.float32  # the final model is saved in the starting dtype (bf16 for Llama-3)
-    for module in model.modules():  # no dropout, as in the paper: log-probs must be deterministic
+    config = AutoConfig.from_pretrained(cfg.model, attention_dropout=0.0)  # no dropout (as the paper): log-probs must be deterministic
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config, dtype=torch.float32)
+    model.starting_dtype = config.dtype or torch.float32  # the final model is saved in it (bf16 for Llama-3)
+    for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+    head = model.get_output_embeddings()
+    if head.bias is not None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        fail(f"{cfg.model}: its output head has a bias, logit soft-capping or scaling, which response_logprobs does not apply")
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # (activation checkpointing only acts in train mode)
@@ -540,8 +588,21 @@ def main(cfg):
     if num_updates < 1:
         fail(f"--total_episodes {cfg.total_episodes} is less than one batch of {cfg.batch_size} pairs")
     dtype = compute_dtype(cfg.dtype, device)
-    if not cfg.resume and latest_checkpoint(cfg.output_dir):
+    if dtype == torch.float16:
+        fail("--dtype float16 would need loss scaling, which rebel.py does not do: use bfloat16 or float32")
+    checkpoint = from_rank0(latest_checkpoint(cfg.output_dir))  # one decision for all processes
+    if checkpoint and not cfg.resume:
         fail(f"{cfg.output_dir} holds a checkpoint of an earlier run: add --resume to continue it, or pick another --output_dir")
+    if checkpoint:
+        state = json.load(open(os.path.join(checkpoint, "train_state.json")))
+        changed = [f"--{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in state["config"].items()
+                   if k in FIXED_ON_RESUME and v != getattr(cfg, k)]
+        if changed:
+            fail(f"--resume: {checkpoint} was made with other settings ({'; '.join(changed)}); resume with those, or use another --output_dir")
+        if state["update"] == num_updates and os.path.isdir(os.path.join(cfg.output_dir, "final")):
+            print0(f"{cfg.output_dir}: this run is finished ({num_updates} updates; the model is in final/)")
+            dist.destroy_process_group()
+            return
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
 
@@ -554,22 +615,22 @@ def main(cfg):
            f"eval pairs {len(eval_pairs)} | mean tokens per pair {mean_tokens:.0f}\n"
            f"updates {num_updates} of {cfg.batch_size} pairs = {cfg.micro_batch_size} per forward × {accumulation} "
            f"accumulation × {world_size} processes | warm-up {int(cfg.warmup_ratio * num_updates)} updates | "
-           f"epochs {num_updates * cfg.batch_size / len(train_pairs):.2f}")
+           f"epochs {num_updates * cfg.batch_size / len(train_pairs):.2f} | "
+           f"{cfg.total_episodes - num_updates * cfg.batch_size} of total_episodes left over (not a whole batch)")
 
     model = build_model(cfg, device, dtype)
     pad_id = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
     ref = reference_logprobs(model, splits, cfg, rank, world_size, device, pad_id, dtype)
-    start_update = 0
-    if cfg.resume and (checkpoint := latest_checkpoint(cfg.output_dir)):
-        start_update = load_checkpoint(model, optimizer, checkpoint)
+    start_update = load_checkpoint(model, optimizer, checkpoint) if checkpoint else 0
+    if checkpoint:
         print0(f"resumed from {checkpoint} at update {start_update}")
     elif cfg.resume:
         print0(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints, starting from scratch")
-    if rank == 0:  # drop records of updates after the checkpoint, so that none is duplicated
+    if rank == 0:  # keep the records up to the checkpoint only, so that none is duplicated
         old = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in old if cfg.resume and r["update"] <= start_update))
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in old if checkpoint and r["update"] <= start_update))
 
     def log_eval(update):
         if eval_pairs:
@@ -590,17 +651,16 @@ def main(cfg):
         positions = global_batch(len(train_pairs), cfg.batch_size, update, cfg.seed)
         stats = torch.zeros(4, dtype=torch.float64, device=device)  # Σ loss, Σ log-ratio chosen, rejected, Σ tokens
         for batch in micro_batches(train_pairs, positions, cfg.micro_batch_size)[rank::world_size]:
-            input_ids, attention_mask, response_mask = (t.to(device) for t in collate(batch, pad_id))
-            logps = model.response_logprobs(input_ids, attention_mask, response_mask, cfg.temperature, cfg.logprob_chunk)
-            # float64 for these few numbers: η·Δr is ~1e4 with η = 1e6, where fp32 would round the rewards away
-            ref_c, ref_r, reward_c, reward_r = torch.tensor(
-                [[ref["train"][p["index"]][0], ref["train"][p["index"]][1], p["chosen_reward"], p["rejected_reward"]]
-                 for p in batch], dtype=torch.float64, device=device).T
+            logps = model.response_logprobs(*to_device(collate(batch, pad_id), device), cfg.temperature, cfg.logprob_chunk)
+            # float64 for these few numbers (free): η·Δr is ~1e4 with η = 1e6
+            ref_c, ref_r, reward_c, reward_r, tokens = to_device([torch.tensor(
+                [[*ref["train"][p["index"]], p["chosen_reward"], p["rejected_reward"], pair_tokens(p)] for p in batch],
+                dtype=torch.float64)], device)[0].T
             logp_c, logp_r = logps.double().view(2, len(batch))  # chosen rows first, then rejected
             losses = rebel_loss(logp_c, logp_r, ref_c, ref_r, reward_c, reward_r, cfg.eta)
             # this rank's share of the batch mean; FSDP averages gradients over ranks, giving the global batch mean
             (losses.sum() / (cfg.batch_size // world_size)).backward()
-            stats += torch.stack([losses.sum(), (logp_c - ref_c).sum(), (logp_r - ref_r).sum(), attention_mask.sum()]).detach()
+            stats += torch.stack([losses.sum(), (logp_c - ref_c).sum(), (logp_r - ref_r).sum(), tokens.sum()]).detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         dist.all_reduce(stats)
@@ -633,7 +693,7 @@ def main(cfg):
             return
     bar.close()
     if cfg.save_final:
-        print0(f"final model -> {save_final(model, tokenizer, cfg, rank)}")
+        print0(f"final model -> {save_final(model, cfg, rank)}")
     dist.destroy_process_group()
 
 

@@ -261,14 +261,43 @@ def test_resume_equals_uninterrupted(tiny_model, tmp_path, capsys):
     m_full, m_part = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
     assert [r["update"] for r in m_part] == [r["update"] for r in m_full] == [0, 1, 2, 2, 3, 4, 4, 5, 6, 6]
     assert [r.get("loss", r.get("val_loss")) for r in m_part] == pytest.approx([r.get("loss", r.get("val_loss")) for r in m_full], rel=1e-5)
+    # a finished run is not redone, and a resume may not change what the run is
+    stamp = os.path.getmtime(os.path.join(part, "final", "model.safetensors"))
+    train(tiny_model, data, part, total_episodes=48, resume=True)
+    assert "this run is finished" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(part, "final", "model.safetensors")) == stamp
+    with pytest.raises(SystemExit, match=r"made with other settings \(--eta 1.0 -> 2.0; --seed 1 -> 3\)"):
+        train(tiny_model, data, part, total_episodes=48, resume=True, eta=2.0, seed=3)
+
+
+def test_final_model_keeps_the_starting_dtype_tokenizer_and_no_dropout(tiny_model, tmp_path):
+    """A bf16 checkpoint with attention dropout: training turns dropout off (update 1's log-ratios are exactly 0, as
+    policy = reference), and final/ is bf16 in its config and tensors, with the tokenizer as it was (no pad token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    start = str(tmp_path / "bf16")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attention_dropout=0.5).to(torch.bfloat16)
+    model.save_pretrained(start)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(start)
+    out = train(start, write_pairs(tmp_path / "p.jsonl", n=24), tmp_path / "run", total_episodes=8, eval_size=0)
+    first = read_jsonl(os.path.join(out, "metrics.jsonl"))[0]
+    assert first["logratio_chosen"] == 0.0 and first["logratio_rejected"] == 0.0
+    final = os.path.join(out, "final")
+    assert json.load(open(os.path.join(final, "config.json")))["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(final, dtype="auto").dtype == torch.bfloat16
+    assert AutoTokenizer.from_pretrained(final).pad_token is None
 
 
 def test_non_finite_loss_stops_without_touching_the_checkpoint(tiny_model, tmp_path):
-    data = write_pairs(tmp_path / "p.jsonl", n=40)
-    out = train(tiny_model, data, tmp_path / "run", stop_after=1, save_final=False)
-    with pytest.raises(SystemExit, match="non-finite loss .* at update 2"):
-        train(tiny_model, data, out, resume=True, eta=1e308)
-    assert os.listdir(os.path.join(out, "checkpoints")) == ["update_000001"]
+    rows = read_jsonl(write_pairs(tmp_path / "p.jsonl", n=40))
+    first, second = rebel.global_batch(40, 8, 0, seed=1), rebel.global_batch(40, 8, 1, seed=1)
+    row = next(i for i in second if i not in first)  # η·Δr overflows to inf in update 2 only
+    rows[row]["chosen_reward"], rows[row]["rejected_reward"] = 1e308, -1e308
+    data = str(tmp_path / "bad.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with pytest.raises(SystemExit, match=r"non-finite loss .* at update 2; .*update_000001"):
+        train(tiny_model, data, tmp_path / "run", eval_size=0, save_every=1, save_final=False)
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["update_000001"]
 
 
 def test_bad_input_fails_clearly_before_loading_the_model(tiny_model, tmp_path, monkeypatch):
@@ -1007,17 +1036,17 @@ def memory_probe(method, tokenizer_dir, pairs_file):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pairs = json.load(open(pairs_file))
     model = bench_model(128256, tokenizer_dir)
-    input_ids, attention_mask, response_mask = rebel.collate(pairs, tokenizer.eos_token_id)
+    input_ids, positions, rows = rebel.collate(pairs, tokenizer.eos_token_id)
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
-    start = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
+    start = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
     if method == "chunked":
-        logps = rebel.response_logprobs(model, input_ids, attention_mask, response_mask, 0.8, rebel.Config.logprob_chunk)
+        logps = rebel.response_logprobs(model, input_ids, positions, rows, 0.8, rebel.Config.logprob_chunk)
     else:  # full-vocabulary logits at every position, as HF's forward gives them
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1] / 0.8
-        per_token = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        logps = (per_token * response_mask[:, 1:]).sum(-1)
+        logits = model(input_ids=input_ids).logits / 0.8
+        per_token = torch.log_softmax(logits.float(), -1).flatten(0, 1)[positions].gather(-1, input_ids.flatten()[positions + 1, None])
+        logps = torch.zeros(len(input_ids)).index_add(0, rows, per_token.squeeze(-1))
     logps.sum().backward()
-    peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+    peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
     print(json.dumps({"peak_mb": (peak - start) / 1024}))
 
 
