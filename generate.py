@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rebel import arg, atomic_write, chat_messages, compute_dtype, fail, init_distributed, load_split, load_tokenizer, parse_config, print0
+from rebel import (arg, atomic_write, chat_messages, compute_dtype, fail, from_rank0, init_distributed, load_split, load_tokenizer,
+                   parse_config, print0)
 
 
 @dataclass
@@ -98,8 +99,7 @@ def run_blocks(blocks, shards, make_worker, rank, world_size, rate_unit):
     block of each other), each saved atomically when done. make_worker() loads the model and returns
     work(block_index, rows) -> (shard rows, count for the rate shown). Returns all blocks' rows, in block order, on rank 0."""
     path = lambda b: os.path.join(shards, f"block_{b:06d}.jsonl")  # noqa: E731
-    todo = [b for b in range(len(blocks)) if not os.path.exists(path(b))]
-    dist.barrier()  # every process has listed the saved blocks before any saves a new one
+    todo = from_rank0([b for b in range(len(blocks)) if not os.path.exists(path(b))])  # one list for all processes
     print0(f"{len(blocks) - len(todo)} of {len(blocks)} blocks already saved in {shards}; {len(todo)} to do on {world_size} processes")
     work = make_worker() if todo else None  # every process loads the model when any does (vLLM's data parallel needs all)
     mine = todo[rank::world_size]

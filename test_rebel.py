@@ -1109,7 +1109,7 @@ def test_bench(tmp_path):
     model.eval()
     settings = SimpleNamespace(temperature=0.8, top_p=0.9, max_new_tokens=32, num_samples=5)
     stop_ids = [tokenizer.eos_token_id]
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.eos_token  # as generate.py loads it
     prompts = [generate.prompt_tokens(tokenizer, a["instruction"], "alpaca") for a in llama[:16]]
     timed = {}
     for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:4]])):
@@ -1120,11 +1120,11 @@ def test_bench(tmp_path):
     rows.append(("generate.py, 5 samples per prompt (new tokens/s)", f"{timed['one']:.0f}", f"{timed['batched']:.0f}", timed["batched"] / timed["one"]))
     gsm8k_train, gsm8k_test = (read_jsonl(os.path.join(SHARED_DATA, "gsm8k", f"{s}.jsonl")) for s in ("train", "test"))
     prompts = [eval_gsm8k.encode(tokenizer, [p])[0] for p in eval_gsm8k.build_prompts(gsm8k_test[:16], gsm8k_train)]
-    for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:4]])):
+    for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:4]])):  # answers run ~100-250 tokens
         start, count = time.time(), 0
         for group in groups:
-            eval_gsm8k.generate(model, tokenizer, group, 32, eval_gsm8k.STOP, tokenizer.eos_token_id)
-            count += 32 * len(group)
+            eval_gsm8k.generate(model, tokenizer, group, 128, eval_gsm8k.STOP, tokenizer.eos_token_id)
+            count += 128 * len(group)
         timed[name] = count / (time.time() - start)
     rows.append(("eval_gsm8k.py, greedy 5-shot (new tokens/s)", f"{timed['one']:.0f}", f"{timed['batched']:.0f}", timed["batched"] / timed["one"]))
     print_table(rows)
