@@ -285,6 +285,8 @@ def test_final_model_keeps_the_starting_dtype_tokenizer_and_no_dropout(tiny_mode
     assert json.load(open(os.path.join(final, "config.json")))["dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(final, dtype="auto").dtype == torch.bfloat16
     assert AutoTokenizer.from_pretrained(final).pad_token is None
+    from transformers import GenerationConfig
+    assert GenerationConfig.from_pretrained(final).eos_token_id == GenerationConfig.from_pretrained(tiny_model).eos_token_id
 
 
 def test_non_finite_loss_stops_without_touching_the_checkpoint(tiny_model, tmp_path):
