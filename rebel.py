@@ -366,6 +366,49 @@ def to_device(tensors, device):
     return [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in tensors]
 
 
+# ----------------------------------------------------------------------------- model
+
+def build_model(cfg, device, dtype):
+    """fp32 master weights, FSDP2 on every decoder layer then the root; `dtype` compute (bf16 on GPU). Only rank 0
+    reads the checkpoint (one fp32 copy in host memory, not one per process); the others build an empty
+    model on the meta device and receive their shards from it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(cfg.model, attention_dropout=0.0)  # no dropout (as the paper): log-probs must be deterministic
+    starting_dtype, full, buffers = config.dtype or torch.float32, {}, None  # the final model is saved in it (bf16 for Llama-3)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if dist.get_rank() == 0:
+        loaded = AutoModelForCausalLM.from_pretrained(cfg.model, config=config, dtype=torch.float32)
+        full = loaded.state_dict()
+        buffers = {n: b for n, b in loaded.named_buffers() if n not in full}  # not in checkpoints, e.g. rotary inv_freq
+        model.generation_config = loaded.generation_config  # Llama-3's two stop tokens, saved with the final model
+    model.starting_dtype = starting_dtype
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+    head = model.get_output_embeddings()
+    if head.bias is not None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        fail(f"{cfg.model}: its output head has a bias, logit soft-capping or scaling, which response_logprobs does not apply")
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # (activation checkpointing only acts in train mode)
+    mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=mixed_precision)
+    fully_shard(model, mp_policy=mixed_precision)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, value in from_rank0(buffers).items():
+        model.get_buffer(name).copy_(value)
+    model.response_logprobs = response_logprobs.__get__(model)  # a method, so that FSDP can gather the root around it
+    register_fsdp_forward_method(model, "response_logprobs")
+    return model
+
+
 # ----------------------------------------------------------------------------- log-probs and the loss
 
 def token_logprobs(hidden, weight, targets, temperature):
@@ -543,49 +586,6 @@ def save_final(model, cfg, rank):
         os.replace(partial, final)
     dist.barrier()
     return final
-
-
-# ----------------------------------------------------------------------------- model
-
-def build_model(cfg, device, dtype):
-    """fp32 master weights, FSDP2 on every decoder layer then the root; `dtype` compute (bf16 on GPU). Only rank 0
-    reads the checkpoint (one fp32 copy in host memory per node, not one per process); the others build an empty
-    model on the meta device and receive their shards from it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(cfg.model, attention_dropout=0.0)  # no dropout (as the paper): log-probs must be deterministic
-    starting_dtype, full, buffers = config.dtype or torch.float32, {}, None  # the final model is saved in it (bf16 for Llama-3)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if dist.get_rank() == 0:
-        loaded = AutoModelForCausalLM.from_pretrained(cfg.model, config=config, dtype=torch.float32)
-        full = loaded.state_dict()
-        buffers = {n: b for n, b in loaded.named_buffers() if n not in full}  # not in checkpoints, e.g. rotary inv_freq
-        model.generation_config = loaded.generation_config  # Llama-3's two stop tokens, saved with the final model
-    model.starting_dtype = starting_dtype
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout"):
-            module.attention_dropout = 0.0
-    head = model.get_output_embeddings()
-    if head.bias is not None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        fail(f"{cfg.model}: its output head has a bias, logit soft-capping or scaling, which response_logprobs does not apply")
-    if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # (activation checkpointing only acts in train mode)
-    mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in model.get_decoder().layers:
-        fully_shard(layer, mp_policy=mixed_precision)
-    fully_shard(model, mp_policy=mixed_precision)
-    model.to_empty(device=device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, value in from_rank0(buffers).items():
-        model.get_buffer(name).copy_(value)
-    model.response_logprobs = response_logprobs.__get__(model)  # a method, so that FSDP can gather the root around it
-    register_fsdp_forward_method(model, "response_logprobs")
-    return model
 
 
 # ----------------------------------------------------------------------------- main
