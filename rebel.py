@@ -188,7 +188,10 @@ def chat_messages(prompt, where):
 
 def load_tokenizer(name, padding_side="right"):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(name, padding_side=padding_side)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side=padding_side)
+    except (OSError, ValueError) as e:  # no such folder or Hub id, no access, offline
+        fail(f"could not load the tokenizer of {name!r}: {str(e).splitlines()[0]}")
     if not tokenizer.chat_template:
         fail(f"tokenizer of {name} has no chat template; REBEL formats prompts and responses with it")
     if tokenizer.pad_token_id is None:  # Llama-3 has none; pads are masked out, so any id does
