@@ -84,6 +84,21 @@ def tiny_model(tmp_path_factory):
 WORDS = "the quick brown fox jumps over a lazy dog while sea and sky and wind are blue answer question".split()
 
 
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def torchrun(script, args):
+    """`script` under torchrun with 2 processes (one thread each: 2 cores), flags from a dict."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
+    command += [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def write_pairs(path, n=40, seed=0, schema="common", message_prompts=False):
     """Preference pairs of random words in the common schema (rejected, rejected_reward) or Cornell-AGI's (reject...)."""
     rng = random.Random(seed)
@@ -95,16 +110,16 @@ def write_pairs(path, n=40, seed=0, schema="common", message_prompts=False):
                      "chosen": " ".join(rng.choices(WORDS, k=rng.randint(1, 24))),
                      rejected: " ".join(rng.choices(WORDS, k=rng.randint(1, 24))),
                      "chosen_reward": rng.uniform(0.5, 1.0), rejected_reward: rng.uniform(0.0, 0.5), "extra": i})
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
+    return write_jsonl(path, rows)
+
+
+TRAIN_SETTINGS = dict(total_episodes=32, batch_size=8, micro_batch_size=2, eval_micro_batch_size=4, eval_size=8, eta=1.0,
+                      lr=1e-3, warmup_ratio=0.25, eval_every=2, save_every=2, activation_checkpointing=False, seed=1)
 
 
 def train(model, dataset, output_dir, **overrides):
     """rebel.main in this process (a 1-process gloo group), small and fast settings."""
-    settings = dict(model=model, dataset=dataset, output_dir=str(output_dir), total_episodes=32, batch_size=8,
-                    micro_batch_size=2, eval_micro_batch_size=4, eval_size=8, eta=1.0, lr=1e-3, warmup_ratio=0.25,
-                    eval_every=2, save_every=2, activation_checkpointing=False, seed=1)
+    settings = dict(model=model, dataset=dataset, output_dir=str(output_dir), **TRAIN_SETTINGS)
     settings.update(overrides)
     rebel.main(rebel.Config(**settings))
     return str(output_dir)
@@ -211,13 +226,8 @@ def final_weights(out):
 def test_two_processes_equal_one_and_final_model_reloads(tiny_model, tmp_path):
     data = write_pairs(tmp_path / "p.jsonl", n=40)
     one = train(tiny_model, data, tmp_path / "one")
-    flags = dict(total_episodes=32, batch_size=8, micro_batch_size=2, eval_micro_batch_size=4, eval_size=8, eta=1.0,
-                 lr=1e-3, warmup_ratio=0.25, eval_every=2, save_every=2, seed=1, activation_checkpointing="true")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "rebel.py",
-               "--model", tiny_model, "--dataset", data, "--output_dir", str(tmp_path / "two")]
-    command += [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-    subprocess.run(command, cwd=HERE, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    two = str(tmp_path / "two")
+    two = str(tmp_path / "two")  # the same settings, but 2 processes and activation checkpointing on
+    torchrun("rebel.py", dict(TRAIN_SETTINGS, model=tiny_model, dataset=data, output_dir=two, activation_checkpointing="true"))
     m1, m2 = read_jsonl(os.path.join(one, "metrics.jsonl")), read_jsonl(os.path.join(two, "metrics.jsonl"))
     assert [r["update"] for r in m1] == [r["update"] for r in m2] == [0, 1, 2, 2, 3, 4, 4]
     for r1, r2 in zip(m1, m2):  # losses square differences of fp32 sums of ~50 log-probs: equal to ~1e-5 relative
@@ -294,9 +304,7 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tiny_model, tmp_p
     first, second = rebel.global_batch(40, 8, 0, seed=1), rebel.global_batch(40, 8, 1, seed=1)
     row = next(i for i in second if i not in first)  # η·Δr overflows to inf in update 2 only
     rows[row]["chosen_reward"], rows[row]["rejected_reward"] = 1e308, -1e308
-    data = str(tmp_path / "bad.jsonl")
-    with open(data, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(SystemExit, match=r"non-finite loss .* at update 2; .*update_000001"):
         train(tiny_model, data, tmp_path / "run", eval_size=0, save_every=1, save_final=False)
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["update_000001"]
@@ -347,19 +355,23 @@ def test_bad_input_fails_clearly_before_loading_the_model(tiny_model, tmp_path, 
             train(settings.pop("model", tiny_model), settings.pop("dataset"), settings.pop("output_dir", tmp_path / "run"), **settings)
 
 
-def test_help_documents_every_flag():
-    out = subprocess.run([sys.executable, "rebel.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
-    for field in rebel.dataclasses.fields(rebel.Config):
-        assert f"--{field.name}" in out and field.metadata["help"].split()[0] in out
+def test_help_documents_every_flag(capsys):
+    """Every script's --help lists each flag with its one-line doc (rebel.py's as a real command line)."""
+    helps = {rebel: subprocess.run([sys.executable, "rebel.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout}
+    for module in (generate, score, eval_gsm8k):
+        with pytest.raises(SystemExit) as done:
+            rebel.parse_config(module.Config, ["--help"])
+        assert done.value.code == 0
+        helps[module] = capsys.readouterr().out
+    for module, out in helps.items():
+        assert out.startswith("usage:")
+        for field in rebel.dataclasses.fields(module.Config):
+            assert f"--{field.name}" in out and field.metadata["help"].split()[0] in out
+    cfg = rebel.parse_config(score.Config, ["--drop_truncated", "false", "--test_size", "3", "--reward_fn", "f.py:g"])
+    assert (cfg.drop_truncated, cfg.test_size, cfg.reward_fn) == (False, 3, "f.py:g")
 
 
 # ----------------------------------------------------------------------------- generate.py and score.py
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
 
 
 def write_prompts(path, n, seed=0, ids=False, messages=False):
@@ -389,14 +401,6 @@ def run_score(data, output, **overrides):
 def load_rows(path):
     from datasets import load_dataset
     return load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train").to_list()
-
-
-def torchrun(script, args):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
-    command += [x for k, v in args.items() for x in (f"--{k}", str(v))]
-    done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 @pytest.fixture(scope="session")
@@ -690,18 +694,6 @@ def test_generated_and_scored_pairs_train_with_rebel(tiny_model, tmp_path):
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
 
 
-def test_generate_and_score_help_document_every_flag(capsys):
-    for module in (generate, score):
-        with pytest.raises(SystemExit) as done:
-            rebel.parse_config(module.Config, ["--help"])
-        out = capsys.readouterr().out
-        assert done.value.code == 0 and out.startswith("usage:")
-        for field in rebel.dataclasses.fields(module.Config):
-            assert f"--{field.name}" in out and field.metadata["help"].split()[0] in out
-    cfg = rebel.parse_config(score.Config, ["--drop_truncated", "false", "--test_size", "3", "--reward_fn", "f.py:g"])
-    assert (cfg.drop_truncated, cfg.test_size, cfg.reward_fn) == (False, 3, "f.py:g")
-
-
 # ----------------------------------------------------------------------------- eval_gsm8k.py
 
 GSM8K = os.path.join(SHARED_DATA, "gsm8k")
@@ -899,16 +891,6 @@ def test_gsm8k_bad_input_fails_clearly_before_loading_the_model(gsm8k, tmp_path)
     assert "no such folder, and not a Hub id" in error(GSM8K, model=str(tmp_path / "no" / "model" / "here"))
 
 
-def test_gsm8k_help_documents_every_flag(capsys):
-    from rebel import parse_config
-    with pytest.raises(SystemExit):
-        parse_config(eval_gsm8k.Config, ["--help"])
-    text = capsys.readouterr().out
-    for name in ("model", "data", "num_fewshot", "limit", "batch_size", "max_new_tokens", "dtype", "output",
-                 "chat_template", "add_bos_token"):
-        assert f"--{name}" in text
-
-
 # ----------------------------------------------------------------------------- the demo: python test_rebel.py demo
 
 def demo_reward(prompt, response):
@@ -944,9 +926,8 @@ def run_demo(out="runs/demo", iterations=3, num_prompts=256, num_eval_prompts=64
     rng = random.Random(0)
     prompts = [" ".join(rng.choices(WORDS, k=rng.randint(2, 8))) for _ in range(num_prompts + num_eval_prompts)]
     train_prompts, eval_prompts = os.path.join(out, "train_prompts.jsonl"), os.path.join(out, "eval_prompts.jsonl")
-    for path, chunk in ((train_prompts, prompts[:num_prompts]), (eval_prompts, prompts[num_prompts:])):
-        with open(path, "w") as f:
-            f.writelines(json.dumps({"prompt": p}) + "\n" for p in chunk)
+    write_jsonl(train_prompts, [{"prompt": p} for p in prompts[:num_prompts]])
+    write_jsonl(eval_prompts, [{"prompt": p} for p in prompts[num_prompts:]])
     policy = make_model(os.path.join(out, "iter_0"))
     table = [dict(iteration=0, held_out_reward=held_out_reward(policy, eval_prompts, out, 0, max_new_tokens=max_new_tokens))]
     for it in range(1, iterations + 1):
@@ -1025,7 +1006,7 @@ def padded_full_logprobs(model, pair, temperature, pad_id):
     return (logprobs * attention[:, BENCH_MAX_PROMPT:]).sum(-1)
 
 
-def bench_model(vocab_size, corpus_dir, seed=0):
+def bench_model(vocab_size, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -1038,7 +1019,7 @@ def memory_probe(method, tokenizer_dir, pairs_file):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pairs = json.load(open(pairs_file))
-    model = bench_model(128256, tokenizer_dir)
+    model = bench_model(128256)
     input_ids, positions, rows = rebel.collate(pairs, tokenizer.eos_token_id)
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
     start = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
@@ -1068,7 +1049,7 @@ def test_bench(tmp_path):
 
     # 1. training step: rebel.py's (length-sorted micro-batches padded to their own longest, response-only chunked
     #    logits) against the authors' (one pair per forward, padded to the maxima, full logits)
-    model = bench_model(32000, None)
+    model = bench_model(32000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     batch = list(range(32))
     start = time.time()
