@@ -27,13 +27,14 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from rebel import arg, atomic_write, compute_dtype, fail, init_distributed, parse_config, print0
+from rebel import arg, atomic_write, check_config, compute_dtype, fail, init_distributed, parse_config, print0
 
 STOP = ("Question:", "</s>", "<|im_end|>")  # gsm8k.yaml `until`; the tokenizer's end token is appended at run time
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # strict-match filter, first match
@@ -51,12 +52,15 @@ class Config:
     batch_size: int = arg(32, "questions per generate call (the harness's default is 1: padding can change a few "
                               "bfloat16 greedy tokens)")
     max_new_tokens: int = arg(256, "new tokens per question at most (the harness's max_gen_toks)")
-    dtype: str = arg("auto", "auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = arg("auto", "auto = bfloat16 on GPU, float32 on CPU")
     output: str = arg("", "folder for summary.json and samples.jsonl (default runs/gsm8k/<model>)")
     chat_template: bool = arg(False, "wrap each whole few-shot prompt in the chat template as one user turn "
                                      "(lm-eval --apply_chat_template)")
     add_bos_token: bool = arg(False, "let the tokenizer add its BOS token (e.g. Llama-3's), as lm-eval does since late "
                                      "2025 (PR #3347); off: as it did before, when the model card's numbers were made")
+
+    def __post_init__(self):
+        check_config(self, num_fewshot="[0, inf)", limit="[0, inf)", batch_size="[1, inf)", max_new_tokens="[1, inf)")
 
 
 def load_docs(source, split):
@@ -180,9 +184,6 @@ def generate(model, tokenizer, batch, max_new_tokens, stop, pad_id):
 
 def main(cfg):
     # the input is checked first, so that a mistake fails in one line before any process group or model
-    if cfg.num_fewshot < 0 or cfg.limit < 0 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        fail(f"--num_fewshot and --limit must be >= 0 and --batch_size and --max_new_tokens >= 1, got {cfg.num_fewshot}, "
-             f"{cfg.limit}, {cfg.batch_size} and {cfg.max_new_tokens}")
     if not os.path.isdir(cfg.model) and cfg.model.count("/") != 1:
         fail(f"--model {cfg.model!r}: no such folder, and not a Hub id (owner/name)")
     output = cfg.output or os.path.join("runs", "gsm8k", os.path.normpath(cfg.model).strip(os.sep).replace(os.sep, "__"))

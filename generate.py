@@ -2,47 +2,56 @@
 
 Formats every prompt with the policy's chat template (the user turn(s) and the generation prompt) and samples
 num_samples responses per prompt: temperature 0.8, top_p 0.9, no top_k, at most 2048 new tokens, ending at the model's
-end tokens. Defaults reproduce the authors' run: 5 samples from Meta-Llama-3-8B-Instruct for each UltraFeedback prompt.
-Writes one row per prompt, in input order, as a .jsonl or .parquet file that `datasets` loads:
+end tokens. Nothing else from the checkpoint's generation_config.json (a repetition penalty, min_new_tokens, ...)
+applies: the responses are on-policy samples of exactly these settings. Defaults reproduce the authors' run: 5
+samples from Meta-Llama-3-8B-Instruct for each UltraFeedback prompt. Writes one row per prompt, in input order, as a
+.parquet or .jsonl file that `datasets` loads (parquet is ~3× smaller: use it for large runs):
 
-    prompt_id    the input's `prompt_id` column, else the row index
-    prompt       as in the input: a string (one user turn) or a list of {"role", "content"} messages
-    responses    num_samples strings: the tokens before the first stop token, special tokens removed
-    truncated    num_samples bools: true when the response hit max_new_tokens without a stop token
-    num_tokens   num_samples ints: tokens generated, the stop token included
+    prompt_id      the input's `prompt_id` column, else the row index
+    prompt         as in the input: a string (one user turn) or a list of {"role", "content"} messages
+    prompt_ids     the templated prompt's token ids: what was sampled after
+    responses      num_samples strings: the tokens before the stop token, special tokens removed
+    response_ids   num_samples lists of the sampled token ids, the stop token included when one was sampled
+    truncated      num_samples bools: true when the response hit max_new_tokens without a stop token
+    num_tokens     num_samples ints: tokens sampled, the stop token included
+    temperature, top_p   the sampling settings (rebel.py checks its --temperature against them)
 
-score.py scores the responses and picks the pairs that rebel.py trains on.
+score.py scores the responses and picks the pairs that rebel.py trains on, token for token.
 
     # one process (CPU or one GPU), e.g. a tiny run:
-    python generate.py --model path/to/model --prompts prompts.jsonl --limit 100 --max_new_tokens 256 --output gen.jsonl
+    python generate.py --model path/to/model --prompts prompts.jsonl --limit 100 --max_new_tokens 256 --output gen.parquet
     # one node, 8 GPUs, one model replica per GPU (the paper's run):
-    torchrun --nproc_per_node=8 generate.py --output runs/iter_1/generations.jsonl
+    torchrun --nproc_per_node=8 generate.py --output runs/iter_1/generations.parquet
     # several nodes (run on every node; --output on a filesystem they all see):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 generate.py --output ...
     # after a crash or a job's time limit: the same command again continues where it stopped
     # vLLM instead of transformers' generate: add --engine vllm (pip install vllm)
 
-The prompts, sorted by templated length, are cut into blocks of batch_size; block b is sampled in one call seeded
-from (seed, b), whichever process runs it, so the output depends on seed and batch_size but not on the number of
-processes. Each finished block is saved atomically as OUTPUT.shards/block_NNNNNN.jsonl; a rerun skips saved blocks
-(refusing blocks made with other settings), and the output is merged from the shards at the end. The shards are
-kept: delete OUTPUT.shards to sample afresh.
+Prompts that cannot be used (a chat template that raises on them, malformed messages, longer than max_prompt_len
+tokens) are skipped and counted. The prompts, sorted by templated length, are cut into blocks of batch_size; block b
+is sampled in one call seeded from (seed, b), whichever process runs it, so the output depends on seed and batch_size
+but not on the number of processes. Each finished block is saved atomically as OUTPUT.shards/block_NNNNNN.jsonl; a
+rerun checks and skips saved blocks (a damaged one is redone; blocks made with other settings, prompts or model files
+are refused), and the output is merged from the shards at the end. Delete OUTPUT.shards to sample afresh.
 """
 import dataclasses
+import glob
 import hashlib
 import importlib.util
 import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rebel import (arg, atomic_write, chat_messages, compute_dtype, fail, from_rank0, init_distributed, load_split, load_tokenizer,
-                   parse_config, print0)
+from rebel import (BadRow, arg, atomic_write, check_config, check_writable, compute_dtype, count_dropped, end_of_turn, fail,
+                   files_fingerprint, from_rank0, init_distributed, load_model_config, load_split, load_tokenizer, open_tracker,
+                   parse_config, print0, prompt_tokens)
 
 
 @dataclass
@@ -52,15 +61,24 @@ class Config:
     split: str = arg("train", "split of --prompts to read")
     prompt_column: str = arg("prompt", "column holding each prompt: a string (one user turn) or a list of messages")
     num_samples: int = arg(5, "responses sampled per prompt")
-    temperature: float = arg(0.8, "sampling temperature")
-    top_p: float = arg(0.9, "nucleus sampling threshold (1 = off); top_k is always off, as in the paper")
+    temperature: float = arg(0.8, "sampling temperature (> 0)")
+    top_p: float = arg(0.9, "nucleus sampling threshold in (0, 1] (1 = off); top_k is always off, as in the paper")
     max_new_tokens: int = arg(2048, "most tokens per response; a response still going is cut and marked truncated")
-    output: str = arg("runs/generations.jsonl", "output file (.jsonl or .parquet); finished blocks go to OUTPUT.shards/")
+    max_prompt_len: int = arg(1024, "skip prompts whose templated tokens are more (rebel.py's --max_prompt_len drops them too)")
+    output: str = arg("runs/generations.parquet", "output file (.parquet or .jsonl); finished blocks go to OUTPUT.shards/")
     seed: int = arg(0, "sampling seed (block b is seeded from seed and b)")
     limit: int = arg(0, "use only the first this many prompts; 0 = all")
     batch_size: int = arg(16, "prompts per generate call (× num_samples sequences); also the block of sharding and resuming")
-    dtype: str = arg("auto", "auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32")
-    engine: str = arg("hf", "hf (transformers generate with the KV cache) or vllm (needs `pip install vllm`)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = arg("auto", "auto = bfloat16 on GPU, float32 on CPU")
+    engine: Literal["hf", "vllm"] = arg("hf", "hf (transformers generate with the KV cache) or vllm (needs `pip install vllm`)")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send the run's summary (counts, throughput) to this tracker")
+
+    def __post_init__(self):
+        check_config(self, num_samples="[1, inf)", temperature="(0, inf)", top_p="(0, 1]", max_new_tokens="[1, inf)",
+                     max_prompt_len="[1, inf)", seed="[0, inf)", limit="[0, inf)", batch_size="[1, inf)")
+        check_output_path(self.output)
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            fail("--engine vllm: vLLM is not installed (pip install vllm), or use --engine hf")
 
 
 # ----------------------------------------------------------------------------- blocks, shards and output (score.py uses these too)
@@ -78,30 +96,69 @@ def fingerprint(items):
     return h.hexdigest()[:16]
 
 
-def open_shards(output, settings, rank):
-    """OUTPUT.shards/ with a manifest of what its blocks depend on. Blocks of a run with other settings are refused."""
+def check_output_path(path):
+    if not path.endswith((".jsonl", ".parquet")):
+        fail(f"--output {path}: expected a .jsonl or .parquet file")
+
+
+def open_shards(output, settings):
+    """OUTPUT.shards/ and its manifest of what the blocks depend on (None for a new folder). Blocks made with other
+    settings or input are refused here, before any model is loaded; run_blocks checks the model files."""
     shards, settings = output + ".shards", json.loads(json.dumps(settings))  # settings as they read back
     manifest = os.path.join(shards, "manifest.json")
-    if os.path.exists(manifest):
-        old = json.load(open(manifest))
-        changed = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(old.keys() | settings.keys()) if old.get(k) != settings.get(k)]
+    old = json.load(open(manifest)) if os.path.exists(manifest) else None
+    if old is not None:
+        changed = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(old.keys() | settings.keys())
+                   if k != "model_files" and old.get(k) != settings.get(k)]
         if changed:
             fail(f"{shards} holds blocks made with other settings ({'; '.join(changed)}); rerun with those settings "
                  f"to resume, or delete {shards} or choose another --output to start afresh")
-    elif rank == 0:
-        os.makedirs(shards, exist_ok=True)
-        atomic_write(manifest, json.dumps(settings, indent=1))
-    return shards
+    return shards, old
 
 
-def run_blocks(blocks, shards, make_worker, rank, world_size, rate_unit):
+def read_block(path, block):
+    """The rows of a saved block, or None with why when it is missing or damaged (a bad disk, a bad copy)."""
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+    except FileNotFoundError:
+        return None, None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"an unreadable line ({e})"
+    if [row.get("index") for row in rows] != list(block):
+        return None, f"{len(rows)} rows, not the block's {len(block)} rows in order"
+    return rows, None
+
+
+def run_blocks(blocks, shards, manifest, make_worker, rank, world_size, rate_unit):
     """Do the blocks not yet saved in `shards`, dealt round-robin over the processes (so they finish within about a
-    block of each other), each saved atomically when done. make_worker() loads the model and returns
-    work(block_index, rows) -> (shard rows, count for the rate shown). Returns all blocks' rows, in block order, on rank 0."""
+    block of each other), each saved atomically when done. A saved block that is damaged is named and done again.
+    make_worker() loads the model and returns (work, model fingerprint) with work(block_index, rows) -> (shard rows,
+    count for the rate shown); the manifest is written, or its model fingerprint checked, once the model has loaded.
+    Returns all blocks' rows, in block order, on rank 0."""
+    settings, old = manifest
     path = lambda b: os.path.join(shards, f"block_{b:06d}.jsonl")  # noqa: E731
-    todo = from_rank0([b for b in range(len(blocks)) if not os.path.exists(path(b))])  # one list for all processes
+    todo = None
+    if rank == 0:
+        for stray in glob.glob(os.path.join(shards, "*.tmp*")):  # half-written files of a killed run
+            os.remove(stray)
+        todo = []
+        for b, block in enumerate(blocks):
+            rows, damaged = read_block(path(b), block)
+            if damaged:
+                print(f"{path(b)} is damaged ({damaged}): sampling it again", flush=True)
+            if rows is None:
+                todo.append(b)
+    todo = from_rank0(todo)  # one list for all processes
     print0(f"{len(blocks) - len(todo)} of {len(blocks)} blocks already saved in {shards}; {len(todo)} to do on {world_size} processes")
-    work = make_worker() if todo else None  # every process loads the model when any does (vLLM's data parallel needs all)
+    work = None
+    if todo:  # every process loads the model when any does (vLLM's data parallel needs all)
+        work, model_files = make_worker()
+        if old is not None and old.get("model_files") != model_files:
+            fail(f"{shards} holds blocks made with other model files than {settings['model']!r} has now; delete "
+                 f"{shards} or choose another --output to start afresh")
+        if rank == 0:
+            atomic_write(os.path.join(shards, "manifest.json"), json.dumps({**settings, "model_files": model_files}, indent=1))
     mine = todo[rank::world_size]
     bar = tqdm(total=sum(len(blocks[b]) for b in mine), unit="prompt", disable=rank != 0 or not mine,
                desc="prompts" if world_size == 1 else f"prompts (process 0 of {world_size})")
@@ -114,12 +171,12 @@ def run_blocks(blocks, shards, make_worker, rank, world_size, rate_unit):
         bar.set_postfix_str(f"{count / (time.time() - start):.0f} {rate_unit}/s")
     bar.close()
     dist.barrier()  # every block is saved (ranks arrive within about a block of each other: well inside NCCL's timeout)
-    return [json.loads(line) for b in range(len(blocks)) for line in open(path(b))] if rank == 0 else None
-
-
-def check_output_path(path):
-    if not path.endswith((".jsonl", ".parquet")):
-        fail(f"--output {path}: expected a .jsonl or .parquet file")
+    if rank != 0:
+        return None
+    done = [read_block(path(b), block) for b, block in enumerate(blocks)]
+    if any(rows is None for rows, _ in done):
+        fail(f"{shards}: a block is missing or damaged after all were written ({next(why for rows, why in done if rows is None)})")
+    return [row for rows, _ in done for row in rows]
 
 
 def write_rows(path, rows):
@@ -136,12 +193,6 @@ def write_rows(path, rows):
 
 # ----------------------------------------------------------------------------- sampling
 
-def prompt_tokens(tokenizer, prompt, where):
-    """The chat template of the prompt plus the generation prompt, as rebel.py tokenises it."""
-    text = tokenizer.apply_chat_template(chat_messages(prompt, where), add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def make_blocks(lengths, size):
     """Blocks of `size` prompts, longest first: neighbours pad little, and an out-of-memory shows in the first block.
     They depend only on the prompts and `size`, never on the number of processes."""
@@ -149,80 +200,99 @@ def make_blocks(lengths, size):
     return [order[s:s + size] for s in range(0, len(order), size)]
 
 
-def stop_token_ids(tokenizer, model):
-    """The model's end tokens: generation_config's eos_token_id (Llama-3-Instruct: <|end_of_text|>, <|eot_id|>) and
-    the tokenizer's eos."""
+def stop_token_ids(tokenizer, model, model_config):
+    """The tokens that end a response: the eos_token_id of the model's config and generation_config.json, the
+    tokenizer's eos, and the chat template's end-of-turn token (found from the template; e.g. <|eot_id|>, which
+    older Llama-3 configs do not list). Warns when the template's token is missing from the model's configs."""
     from transformers import GenerationConfig
     try:
-        eos = GenerationConfig.from_pretrained(model).eos_token_id
+        listed = [GenerationConfig.from_pretrained(model).eos_token_id, model_config.eos_token_id]
     except OSError:  # no generation_config.json
-        eos = None
-    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+        listed = [model_config.eos_token_id]
+    configured = {t for eos in listed for t in (eos if isinstance(eos, list) else [eos]) if t is not None}
+    eot = end_of_turn(tokenizer)
+    if eot is None:
+        print0(f"warning: the chat template of {model} writes no end-of-turn token after an assistant message: the "
+               "end of a response is not learned (rebel.py trains only the sampled tokens)")
+    elif eot not in configured | {tokenizer.eos_token_id}:
+        print0(f"warning: the chat template ends a turn with {tokenizer.convert_ids_to_tokens(eot)!r} (id {eot}), which "
+               f"{model}'s configs do not list as an end token: it is added to the stop tokens")
+    return sorted(configured | {t for t in (tokenizer.eos_token_id, eot) if t is not None})
 
 
 def cut_at_stop(ids, stop_ids):
-    """(tokens before the first stop token, truncated, tokens generated including the stop token). What follows the
-    stop token is padding."""
+    """(the sampled ids up to and including the first stop token, truncated): what follows the stop is padding."""
     for t, token in enumerate(ids):
         if token in stop_ids:
-            return ids[:t], False, t + 1
-    return ids, True, len(ids)
+            return ids[:t + 1], False
+    return ids, True
+
+
+def sample_record(tokenizer, ids, truncated):
+    """(text, truncated, tokens sampled, ids) of one response; the text leaves out the stop token and special tokens."""
+    return tokenizer.decode(ids[:-1] if not truncated else ids, skip_special_tokens=True), truncated, len(ids), ids
 
 
 @torch.no_grad()
 def hf_sample(model, tokenizer, prompts, cfg, stop_ids, seed):
     """num_samples responses for each prompt (token ids): one left-padded `generate` call with the KV cache.
-    Returns per prompt a list of (text, truncated, num_tokens)."""
+    Returns per prompt a list of sample_record tuples."""
+    from transformers import GenerationConfig
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)  # the tokenizer pads on the left
+    # a fresh config, and none left on the model to fill its gaps: nothing of the checkpoint's generation_config.json
+    # (repetition_penalty, min_new_tokens, ...) may bend the samples away from the policy's distribution
+    model.generation_config = GenerationConfig()
+    settings = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                                num_return_sequences=cfg.num_samples, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)  # CPU and every GPU
-    out = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                         top_k=0,  # transformers applies top_k=50 unless told otherwise; the paper samples without
-                         max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.num_samples,
-                         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-    samples = []
-    for ids in out[:, batch["input_ids"].shape[1]:].tolist():  # prompt-major: the samples of prompt i are rows i*K..i*K+K-1
-        response, truncated, n = cut_at_stop(ids, set(stop_ids))
-        samples.append((tokenizer.decode(response, skip_special_tokens=True), truncated, n))
-    return [samples[i:i + cfg.num_samples] for i in range(0, len(samples), cfg.num_samples)]
+    out = model.generate(**batch, generation_config=settings)
+    samples = [sample_record(tokenizer, *cut_at_stop(ids, set(stop_ids))) for ids in out[:, batch["input_ids"].shape[1]:].tolist()]
+    return [samples[i:i + cfg.num_samples] for i in range(0, len(samples), cfg.num_samples)]  # prompt-major
 
 
 def load_vllm(cfg, world_size):
     """One vLLM engine per process. Under torchrun, vLLM's data-parallel "external launcher" mode (its
-    torchrun_dp_example): each process is one replica, and this script gives each its own blocks."""
+    torchrun_dp_example): each process is one replica, and this script gives each its own blocks.
+    generation_config="vllm": the checkpoint's generation_config.json sets no sampling default."""
     from vllm import LLM
     parallel = dict(distributed_executor_backend="external_launcher", data_parallel_size=world_size) if world_size > 1 else {}
-    return LLM(model=cfg.model, dtype=cfg.dtype, seed=cfg.seed, **parallel)
+    return LLM(model=cfg.model, dtype=cfg.dtype, seed=cfg.seed, generation_config="vllm", **parallel)
 
 
-def vllm_sample(llm, prompts, cfg, stop_ids, seeds):
+def vllm_sample(llm, tokenizer, prompts, cfg, stop_ids, seeds):
     """As hf_sample, with vLLM; each prompt has its own seed, so its samples do not depend on the batch."""
     from vllm import SamplingParams
     params = [SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=-1,  # -1: no top_k
                              max_tokens=cfg.max_new_tokens, stop_token_ids=stop_ids, seed=seed) for seed in seeds]
     # token ids, not text: vLLM would add a second <|begin_of_text|> to the templated text
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-    return [[(c.text, c.finish_reason == "length", len(c.token_ids)) for c in o.outputs] for o in outputs]
+    samples = []
+    for o in outputs:
+        samples.append([])
+        for c in o.outputs:
+            ids = list(c.token_ids)
+            if c.finish_reason == "stop" and (not ids or ids[-1] not in stop_ids) and isinstance(c.stop_reason, int):
+                ids.append(c.stop_reason)  # the stop token, if this vLLM version leaves it out of token_ids
+            samples[-1].append(sample_record(tokenizer, ids, c.finish_reason == "length"))
+    return samples
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(cfg):
     rank, world_size, device = init_distributed()
-    check_output_path(cfg.output)
-    if cfg.engine not in ("hf", "vllm"):
-        fail(f"--engine must be hf or vllm, got {cfg.engine!r}")
-    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        fail("--engine vllm: vLLM is not installed (pip install vllm), or use --engine hf")
-    for name in ("num_samples", "batch_size", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.seed < 0:
-        fail(f"--seed must be 0 or more, got {cfg.seed}")
     dtype = compute_dtype(cfg.dtype, device)
+    if os.path.isdir(cfg.output):
+        fail(f"--output {cfg.output} is a folder, expected a file")
+    check_writable(cfg.output + ".shards", "--output")
 
     # prompts: read, check and template every one before the model is loaded
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
+    model_config = load_model_config(cfg.model)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and cfg.max_prompt_len + cfg.max_new_tokens > context:
+        print0(f"warning: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} is more than "
+               f"{cfg.model}'s {context} positions")
     data = load_split(cfg.prompts, cfg.split)
     if data is None:
         fail(f"{cfg.prompts} has no split {cfg.split!r}")
@@ -232,45 +302,68 @@ def main(cfg):
         data = data.select(range(min(cfg.limit, len(data))))
     prompts = list(data[cfg.prompt_column])
     prompt_ids = list(data["prompt_id"]) if "prompt_id" in data.column_names else list(range(len(data)))
-    tokens = [prompt_tokens(tokenizer, p, f"{cfg.prompts} row {i}")
-              for i, p in enumerate(tqdm(prompts, desc="template prompts", unit="prompt", disable=rank != 0 or len(prompts) < 1000))]
+    tokens, dropped = {}, []
+    for i, p in enumerate(tqdm(prompts, desc="template prompts", unit="prompt", disable=rank != 0 or len(prompts) < 1000)):
+        try:
+            tokens[i] = prompt_tokens(tokenizer, p)[1]
+            if len(tokens[i]) > cfg.max_prompt_len:
+                raise BadRow(f"longer than --max_prompt_len {cfg.max_prompt_len} tokens")
+        except BadRow as e:
+            tokens.pop(i, None)
+            dropped.append((i, str(e)))
+    count_dropped(dropped, len(prompts), cfg.prompts)
     if not tokens:
-        fail(f"{cfg.prompts}: no prompts")
-    blocks = make_blocks([len(t) for t in tokens], cfg.batch_size)
-    stop_ids = stop_token_ids(tokenizer, cfg.model)
-    settings = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "output"}, "prompts_sha256": fingerprint(tokens)}
-    shards = open_shards(cfg.output, settings, rank)
-    print0(f"{len(tokens)} prompts × {cfg.num_samples} samples | {len(blocks)} blocks of {cfg.batch_size} prompts | "
-           f"{world_size} processes | engine {cfg.engine} | device {device.type} | dtype {dtype} | stop tokens {stop_ids} | "
-           f"prompt tokens mean {np.mean([len(t) for t in tokens]):.0f} max {max(map(len, tokens))}")
+        fail(f"{cfg.prompts}: no prompt to sample from" + (f" ({dropped[0][1]}, ...)" if dropped else ""))
+    kept = sorted(tokens)
+    blocks = [[kept[j] for j in block] for block in make_blocks([len(tokens[i]) for i in kept], cfg.batch_size)]
+    stop_ids = stop_token_ids(tokenizer, cfg.model, model_config)
+    settings = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "report_to")},
+                "prompts_sha256": fingerprint([i, tokens[i]] for i in kept), "stop_ids": stop_ids}
+    shards, old = open_shards(cfg.output, settings)
+    print0(f"{len(kept)} prompts × {cfg.num_samples} samples | {len(blocks)} blocks of {cfg.batch_size} prompts | "
+           f"{world_size} processes | engine {cfg.engine} | device {device.type} | dtype {dtype}\n"
+           f"sampling: temperature {cfg.temperature} | top_p {cfg.top_p} | no top_k | max_new_tokens {cfg.max_new_tokens} | "
+           f"stop tokens {stop_ids} {tokenizer.convert_ids_to_tokens(stop_ids)} | nothing else from generation_config.json\n"
+           f"prompt tokens mean {np.mean([len(t) for t in tokens.values()]):.0f} max {max(map(len, tokens.values()))}")
 
     def make_worker():
         if cfg.engine == "vllm":
             llm = load_vllm(cfg, world_size)
-            sample = lambda b, block: vllm_sample(llm, [tokens[i] for i in block], cfg, stop_ids,  # noqa: E731
+            sample = lambda b, block: vllm_sample(llm, tokenizer, [tokens[i] for i in block], cfg, stop_ids,  # noqa: E731
                                                   [derive_seed(cfg.seed, i) for i in block])
         else:
             from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+            try:
+                model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+            except (OSError, ValueError) as e:
+                fail(f"could not load the model {cfg.model!r}: {str(e).splitlines()[0]}")
             sample = lambda b, block: hf_sample(model, tokenizer, [tokens[i] for i in block], cfg, stop_ids,  # noqa: E731
                                                 derive_seed(cfg.seed, b))
 
         def work(b, block):
-            rows = [dict(index=i, prompt_id=prompt_ids[i], prompt=prompts[i], responses=[s[0] for s in samples],
-                         truncated=[s[1] for s in samples], num_tokens=[s[2] for s in samples])
+            rows = [dict(index=i, prompt_id=prompt_ids[i], prompt=prompts[i], prompt_ids=tokens[i],
+                         responses=[s[0] for s in samples], response_ids=[s[3] for s in samples],
+                         truncated=[s[1] for s in samples], num_tokens=[s[2] for s in samples],
+                         temperature=cfg.temperature, top_p=cfg.top_p)
                     for i, samples in zip(block, sample(b, block))]
             return rows, sum(sum(row["num_tokens"]) for row in rows)
-        return work
+        return work, files_fingerprint(cfg.model)
 
-    rows = run_blocks(blocks, shards, make_worker, rank, world_size, "tokens")
+    rows = run_blocks(blocks, shards, (settings, old), make_worker, rank, world_size, "tokens")
     if rank == 0:
         rows.sort(key=lambda row: row["index"])  # input order
         for row in rows:
             del row["index"]
         write_rows(cfg.output, rows)
         samples = [(t, n) for row in rows for t, n in zip(row["truncated"], row["num_tokens"])]
-        print0(f"{len(rows)} prompts × {cfg.num_samples} responses -> {cfg.output} | mean response {np.mean([n for _, n in samples]):.0f} "
-               f"tokens | {sum(t for t, _ in samples)} of {len(samples)} responses hit max_new_tokens={cfg.max_new_tokens}")
+        summary = dict(prompts=len(rows), prompts_skipped=len(dropped), responses=len(samples),
+                       mean_response_tokens=float(np.mean([n for _, n in samples])), truncated=sum(t for t, _ in samples))
+        print0(f"{len(rows)} prompts × {cfg.num_samples} responses -> {cfg.output} | mean response {summary['mean_response_tokens']:.0f} "
+               f"tokens | {summary['truncated']} of {len(samples)} responses hit max_new_tokens={cfg.max_new_tokens}")
+        log, close = open_tracker(cfg.report_to, os.path.dirname(os.path.abspath(cfg.output)), os.path.basename(cfg.output),
+                                  dataclasses.asdict(cfg))
+        log({f"generate/{k}": v for k, v in summary.items()}, 0)
+        close()
     dist.destroy_process_group()
 
 

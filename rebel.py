@@ -6,19 +6,22 @@ the difference of two policy/reference log-ratios onto the scaled difference of 
     loss = ( [log πθ(y|x) − log πref(y|x)] − [log πθ(y'|x) − log πref(y'|x)] − η·(r(x,y) − r(x,y')) )²
 
 πref is the policy at the start of the iteration; its log-probs are computed once, before the first update, and
-cached in output_dir/ref_logprobs.jsonl. The training loop is plain PyTorch with FSDP2 (`fully_shard`).
+cached in output_dir/ref_logprobs.jsonl. The training loop is plain PyTorch with FSDP2 (`fully_shard`). Pairs made by
+generate.py → score.py carry the sampled token ids, and exactly those tokens are trained; text-only pairs are
+tokenised with the chat template the way sampling would have produced them.
 
 Defaults reproduce REBEL-Llama-3-Armo-iter_1 (Meta-Llama-3-8B-Instruct on Cornell-AGI/Ultrafeedback-Llama-3-Armo-iter_1).
 
     # one process (CPU or one GPU), e.g. a tiny run:
     python rebel.py --model path/to/model --dataset pairs.jsonl --total_episodes 64 --batch_size 8
+    # settings from a YAML or JSON file (one `field: value` per line); flags given too override the file:
+    python rebel.py run.yaml --output_dir runs/other
     # one node, 8 GPUs (the paper's run):
     torchrun --nproc_per_node=8 rebel.py --output_dir runs/iter_1
     # several nodes (run on every node; see README for SLURM):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 rebel.py
     # resume after a crash: the same command plus --resume
 """
-import argparse
 import dataclasses
 import glob
 import hashlib
@@ -28,7 +31,10 @@ import os
 import shutil
 import sys
 import time
+import typing
+from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,7 +56,7 @@ class Config:
     eval_split: str = arg("test_prefs", "split to evaluate on; if the data has none, eval_size pairs are held out")
     eval_size: int = arg(1000, "pairs held out (seeded) for evaluation when the data has no eval split")
     output_dir: str = arg("runs/rebel", "where metrics, reference log-probs, checkpoints and the final model go")
-    eta: float = arg(1e6, "η: the regression target is η·(r_chosen − r_rejected)")
+    eta: float = arg(1e6, "η > 0: the regression target is η·(r_chosen − r_rejected)")
     lr: float = arg(3e-7, "peak learning rate (AdamW)")
     beta1: float = arg(0.9, "AdamW β1")
     beta2: float = arg(0.95, "AdamW β2")
@@ -65,7 +71,7 @@ class Config:
     max_prompt_len: int = arg(1024, "drop pairs whose templated prompt is longer (tokens)")
     max_response_len: int = arg(2048, "drop pairs with a longer response (tokens, end-of-turn included)")
     max_grad_norm: float = arg(0.0, "clip the gradient norm to this; 0 = no clipping (the paper)")
-    dtype: str = arg("auto", "compute dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32; master weights are fp32")
+    dtype: Literal["auto", "bfloat16", "float32"] = arg("auto", "compute dtype: auto = bfloat16 on GPU, float32 on CPU; master weights are fp32")
     activation_checkpointing: bool = arg(True, "recompute decoder layers in backward to save memory")
     logprob_chunk: int = arg(256, "response tokens per lm_head chunk (bounds the memory of the logits)")
     seed: int = arg(555134, "seed of data order and eval hold-out")
@@ -74,31 +80,78 @@ class Config:
     resume: bool = arg(False, "continue from the last checkpoint in output_dir")
     stop_after: int = arg(0, "end this run after this many updates, with a checkpoint (e.g. a job's time limit); 0 = run to the end")
     save_final: bool = arg(True, "write a consolidated Hugging Face model to output_dir/final")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send metrics.jsonl's records to this tracker (rank 0)")
+
+    def __post_init__(self):
+        check_config(self, eta="(0, inf)", lr="(0, inf)", beta1="[0, 1)", beta2="[0, 1)", adam_eps="[0, inf)",
+                     weight_decay="[0, inf)", warmup_ratio="[0, 1]", temperature="(0, inf)", total_episodes="[1, inf)",
+                     batch_size="[1, inf)", micro_batch_size="[1, inf)", eval_micro_batch_size="[1, inf)",
+                     eval_size="[0, inf)", max_prompt_len="[1, inf)", max_response_len="[1, inf)",
+                     max_grad_norm="[0, inf)", logprob_chunk="[1, inf)", eval_every="[0, inf)", save_every="[0, inf)",
+                     stop_after="[0, inf)")
 
 
 # what a resumed run may not change: it would change the data, the reference or the optimisation already done
-FIXED_ON_RESUME = ("model", "dataset", "train_split", "eval_split", "eval_size", "seed", "eta", "lr", "beta1", "beta2",
+FIXED_ON_RESUME = ("dataset", "train_split", "eval_split", "eval_size", "seed", "eta", "lr", "beta1", "beta2",
                    "adam_eps", "weight_decay", "warmup_ratio", "temperature", "total_episodes", "batch_size",
                    "max_prompt_len", "max_response_len", "max_grad_norm", "dtype")
 
 
 # ----------------------------------------------------------------------------- helpers shared with sibling scripts
 
-def to_bool(text):
-    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("1", "true", "yes", "on")
-
-
 def parse_config(cls, argv=None):
-    """Dataclass -> argparse, so `--help` lists every field with its one-line doc. Booleans: `--flag` or `--flag false`."""
-    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = {"bool": to_bool, "int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-        extra = dict(nargs="?", const=True) if kind is to_bool else {}
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"], **extra)
-    return cls(**vars(parser.parse_args(argv)))
+    """A config from the command line with transformers' HfArgumentParser (`--help` lists every field with its doc and
+    default; booleans: `--flag`, `--flag false`), optionally from a YAML or JSON file, `--config run.yaml` or the file
+    alone as HF's example scripts take it, whose settings the flags given with it override."""
+    from transformers import HfArgumentParser
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv.insert(0, "--config")
+    parser = HfArgumentParser(cls, description=sys.modules[cls.__module__].__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML or JSON file of settings (field: value); flags given too override it")
+    path = parser.parse_known_args(argv)[0].config
+    if path:
+        parser.set_defaults(**read_settings(path, cls))  # string values are parsed like flags: YAML's 3e-7 is a string
+    return parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[0]
+
+
+def read_settings(path, cls):
+    import yaml  # PyYAML: a dependency of transformers
+    try:
+        with open(path) as f:
+            settings = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        fail(f"--config {path}: {str(e).splitlines()[0]}")
+    if not isinstance(settings, dict):
+        fail(f"--config {path}: expected a mapping of setting: value, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        fail(f"--config {path}: unknown settings {', '.join(unknown)} (see --help)")
+    return settings
+
+
+def check_config(cfg, **intervals):
+    """Fail with one line on a setting of the wrong type, not among a Literal's values, or outside its interval
+    ("(0, inf)", "[0, 1)", ...), before any data or model is loaded. --report_to's package must be importable."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), f.type
+        if typing.get_origin(kind) is Literal:
+            if value not in typing.get_args(kind):
+                fail(f"--{f.name} must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, f.name, float(value))
+        elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            fail(f"--{f.name} must be a {kind.__name__}, got {value!r}")
+    for name, interval in intervals.items():
+        (low, high), value = map(float, interval[1:-1].split(",")), getattr(cfg, name)
+        if not ((low < value if interval[0] == "(" else low <= value) and (value < high if interval[-1] == ")" else value <= high)):
+            fail(f"--{name} must be in {interval}, got {value}")
+    if getattr(cfg, "report_to", "none") != "none":
+        package = {"wandb": "wandb", "tensorboard": "torch.utils.tensorboard"}[cfg.report_to]
+        try:
+            __import__(package)
+        except ImportError:
+            fail(f"--report_to {cfg.report_to}: the package is not installed (pip install {cfg.report_to})")
 
 
 def init_distributed():
@@ -152,6 +205,28 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def read_jsonl(path):
+    """The records of a .jsonl file, and how many lines could not be parsed (a line cut by a full disk or a kill)."""
+    records, bad = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return records, bad
+
+
+def check_writable(folder, what):
+    """Fail now, not after hours of work, if `folder` cannot be created or written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(os.path.join(folder, f".write_test{os.getpid()}"), "")
+        os.remove(os.path.join(folder, f".write_test{os.getpid()}"))
+    except OSError as e:
+        fail(f"{what} {folder}: cannot write there ({e.strerror or e})")
+
+
 def load_split(source, split):
     """A datasets.Dataset from a Hub id, a folder saved by `save_to_disk`, a folder of data files, or one
     .json/.jsonl/.parquet file (which has a single split, 'train'). Returns None when the split does not exist."""
@@ -161,7 +236,12 @@ def load_split(source, split):
         kind = kinds.get(os.path.splitext(source)[1])
         if kind is None:
             fail(f"{source}: expected a .json, .jsonl or .parquet file")
-        return datasets.load_dataset(kind, data_files={"train": source}, split="train") if split == "train" else None
+        if split != "train":
+            return None
+        try:
+            return datasets.load_dataset(kind, data_files={"train": source}, split="train")
+        except Exception as e:  # noqa: BLE001 — name the file and, for JSON lines, the line
+            fail(f"{source}: {(kind == 'json' and describe_bad_file(source)) or f'could not be read ({type(e).__name__})'}")
     if os.path.isdir(source) and (os.path.exists(os.path.join(source, "dataset_dict.json"))
                                   or os.path.exists(os.path.join(source, "dataset_info.json"))):
         data = datasets.load_from_disk(source)
@@ -177,13 +257,81 @@ def load_split(source, split):
     return datasets.load_dataset(source, split=split) if split in available else None
 
 
-def chat_messages(prompt, where):
-    """A prompt is a string (one user turn) or a list of {'role', 'content'} messages."""
+def describe_bad_file(path):
+    """Why `datasets` could not read a .json/.jsonl file: empty, or the first line that is not a JSON object."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    with open(path, errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None  # one valid JSON document: datasets' own complaint is the story
+    except json.JSONDecodeError:
+        pass
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip() and not isinstance(json.loads(line), dict):
+                return f"line {n}: expected a JSON object"
+        except json.JSONDecodeError as e:
+            return f"line {n}: not valid JSON ({e.msg})"
+    return None
+
+
+class BadRow(ValueError):
+    """A row that cannot be used. It is dropped and counted with this reason: one bad row never stops a run."""
+
+
+def chat_messages(prompt):
+    """A prompt as chat messages: a string is one user turn; a list of {'role', 'content'} messages must use the roles
+    system, user and assistant, with string contents, and end with a user turn. Raises BadRow saying what is wrong."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-        return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    fail(f"{where}: prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}")
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRow("the prompt must be a string or a non-empty list of {'role', 'content'} messages")
+    for m in prompt:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise BadRow("each message must be {'role': 'system'|'user'|'assistant', 'content': a string}")
+    if prompt[-1]["role"] != "user":
+        raise BadRow(f"the prompt must end with a user turn, not {prompt[-1]['role']!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def apply_template(tokenizer, messages, **kwargs):
+    """The chat template's text; a template that raises on a row (e.g. Gemma's on a system turn) raises BadRow."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 — jinja2's TemplateError and whatever a template's own code raises
+        raise BadRow(f"the chat template raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def prompt_tokens(tokenizer, prompt):
+    """(text, token ids) of the templated prompt + generation prompt: what generate.py samples after. Raises BadRow."""
+    text = apply_template(tokenizer, chat_messages(prompt), add_generation_prompt=True)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn(tokenizer):
+    """The special token the chat template writes right after an assistant message (Llama-3 <|eot_id|>, ChatML
+    <|im_end|>, Gemma <end_of_turn>, Mistral </s>), found from the template itself; None when it writes none."""
+    marker = "REBEL-END-OF-TURN-PROBE"
+    try:
+        text = apply_template(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}])
+    except BadRow:
+        return None
+    ids = tokenizer(text[text.rfind(marker) + len(marker):].lstrip(), add_special_tokens=False)["input_ids"] if marker in text else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
+
+
+def count_dropped(dropped, total, where):
+    """Print how many of `total` rows were dropped, by reason, each with its first row: [(row, reason), ...]."""
+    if dropped:
+        first = {}
+        for row, why in sorted(dropped):
+            first.setdefault(why, row)
+        counts = Counter(why for _, why in dropped)
+        print0(f"{where}: dropped {len(dropped)} of {total} rows" + "".join(
+            f" | {n} × {why} (first: row {first[why]})" for why, n in counts.most_common()))
 
 
 def load_tokenizer(name, padding_side="right"):
@@ -199,12 +347,71 @@ def load_tokenizer(name, padding_side="right"):
     return tokenizer
 
 
+def load_model_config(name):
+    """The model's config, and a one-line error now (before data work) for a folder without config or weights."""
+    from transformers import AutoConfig
+    if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")) + glob.glob(os.path.join(name, "*.bin")):
+        fail(f"model folder {name} has no weights (*.safetensors or *.bin)")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        fail(f"could not load the config of model {name!r}: {str(e).splitlines()[0]}")
+
+
 def compute_dtype(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in ("bfloat16", "float16", "float32"):
-        fail(f"--dtype must be auto, bfloat16, float16 or float32, got {name!r}")
-    return getattr(torch, name)
+    return (torch.bfloat16 if device.type == "cuda" else torch.float32) if name == "auto" else getattr(torch, name)
+
+
+def files_fingerprint(path):
+    """What a model folder holds, cheaply: sha256 over every file's name, size and content (a Hub id: its snapshot in
+    the local cache). Files over 64 MB, the weights, are read in 16 pieces of 1 MB spread over the file (~0.1 s for a
+    16 GB model), so a folder replaced at the same path is told apart however its files were copied."""
+    if not os.path.isdir(path):
+        try:
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, local_files_only=True)
+        except Exception:  # noqa: BLE001 — not in the cache: the name is all there is
+            return f"hub:{path}"
+    h = hashlib.sha256()
+    for name in sorted(glob.glob("**", root_dir=path, recursive=True)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        size = os.path.getsize(file)
+        h.update(f"{name}:{size}:".encode())
+        with open(file, "rb") as f:
+            if size <= 64 << 20:
+                h.update(f.read())
+            for k in range(16 if size > 64 << 20 else 0):
+                f.seek(k * (size - (1 << 20)) // 15)
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def open_tracker(report_to, run_dir, name, config, resumed_at=None):
+    """log(record, step) and close() for --report_to (HF Trainer's names), rank 0 only. wandb: one run per run_dir, its
+    id kept in run_dir/wandb_run_id so that a resume continues it; TensorBoard: run_dir/tensorboard, where a resume
+    purges the events logged after its checkpoint, so that no step is there twice. The full config is logged once."""
+    if report_to == "none" or dist.get_rank() != 0:
+        return (lambda record, step: None), (lambda: None)
+    if report_to == "wandb":
+        import wandb
+        id_path = os.path.join(run_dir, "wandb_run_id")
+        run_id = open(id_path).read().strip() if resumed_at is not None and os.path.exists(id_path) else wandb.util.generate_id()
+        atomic_write(id_path, run_id)
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rebel"), id=run_id, resume="allow", name=name, dir=run_dir, config=config)
+        return (lambda record, step: run.log(record, step=step)), run.finish
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=None if resumed_at is None else resumed_at + 1)
+    if resumed_at is None:
+        writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))  # indented: shown as code
+
+    def log(record, step):
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key, value, step)
+        writer.flush()
+    return log, writer.close
 
 
 # ----------------------------------------------------------------------------- data
@@ -216,57 +423,81 @@ def pick_column(columns, names, where):
     fail(f"{where}: missing column {' or '.join(map(repr, names))} (columns: {', '.join(columns)})")
 
 
-def tokenize_pairs(rows, tokenizer, where, rank=0, world_size=1):
-    """Chat-template each pair. prompt ids = template of the user turn(s) + generation prompt; response ids = the tokens
-    the template adds for the assistant turn, end-of-turn token included. Rewards are checked here, before any model work.
-    Each process does every world_size-th row; all get all pairs (one dict per row, `index` = its row in the split)."""
+def tokenize_pairs(rows, tokenizer, where, vocab_size, rank=0, world_size=1):
+    """Token ids of every usable pair: [{index (row in the split), prompt_ids, chosen_ids, rejected_ids, chosen_reward,
+    rejected_reward}], sorted by index. With the columns prompt_ids/chosen_ids/rejected_ids (generate.py → score.py)
+    they are the sampled tokens; else the chat template of the texts (`text_ids`). Rows that cannot be used are
+    dropped and counted with their reason; a reward that is not a finite number stops the run, naming the row, before
+    any model work. Each process does every world_size-th row; all get the same pairs and the same count."""
     cols = rows.column_names
-    columns = [pick_column(cols, names, where) for names in
-               (["prompt"], ["chosen"], ["rejected", "reject"], ["chosen_reward"], ["rejected_reward", "reject_reward"])]
-    pairs, error = [], None
+    prompt, chosen, rejected, chosen_reward, rejected_reward = (pick_column(cols, names, where) for names in (
+        ["prompt"], ["chosen"], ["rejected", "reject"], ["chosen_reward"], ["rejected_reward", "reject_reward"]))
+    sampled, eot = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(cols), end_of_turn(tokenizer)
+    pairs, dropped, error = [], [], None
     for i in tqdm(range(rank, len(rows), world_size), desc=f"tokenize {where}", unit="pair", disable=rank != 0 or len(rows) < 1000):
+        row = rows[i]
         try:
-            pairs.append(tokenize_row(rows[i], i, columns, tokenizer, where))
-        except SystemExit as e:  # a bad row: every process must stop with the first one's message, not hang below
+            for col in (chosen_reward, rejected_reward):
+                if isinstance(row[col], bool) or not isinstance(row[col], (int, float)) or not math.isfinite(row[col]):
+                    fail(f"{where} row {i}: column {col!r} must be a finite number, got {row[col]!r}")
+            ids = sampled_ids(row, tokenizer, vocab_size) if sampled else text_ids(row[prompt], [row[chosen], row[rejected]], tokenizer, eot)
+            pairs.append(dict(index=i, prompt_ids=ids[0], chosen_ids=ids[1], rejected_ids=ids[2],
+                              chosen_reward=float(row[chosen_reward]), rejected_reward=float(row[rejected_reward])))
+        except BadRow as e:
+            dropped.append((i, str(e)))
+        except SystemExit as e:  # every process must stop with the first bad reward's message, not hang below
             error = (i, str(e))
             break
-    parts = [(pairs, error)]
+    parts = [(pairs, dropped, error)]
     if world_size > 1:
         parts = [None] * world_size
-        dist.all_gather_object(parts, (pairs, error))
-    errors = sorted(e for _, e in parts if e)
+        dist.all_gather_object(parts, (pairs, dropped, error))
+    errors = sorted(e for _, _, e in parts if e)
     if errors:
         raise SystemExit(errors[0][1])
-    return sorted((p for part, _ in parts for p in part), key=lambda p: p["index"])
+    dropped = [d for _, part, _ in parts for d in part]
+    count_dropped(dropped, len(rows), where)
+    if len(dropped) == len(rows):
+        fail(f"{where}: every row was dropped ({min(dropped)[1]}, ...)")
+    return sorted((p for part, _, _ in parts for p in part), key=lambda p: p["index"])
 
 
-def tokenize_row(row, i, columns, tokenizer, where):
-    prompt_col, chosen_col, rejected_col, chosen_reward_col, rejected_reward_col = columns
-    rewards = []
-    for col in (chosen_reward_col, rejected_reward_col):
-        value = row[col]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            fail(f"{where} row {i}: column {col!r} must be a finite number, got {value!r}")
-        rewards.append(float(value))
-    messages = chat_messages(row[prompt_col], f"{where} row {i}")
-    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    responses = []
-    for col in (chosen_col, rejected_col):
-        if not isinstance(row[col], str):
-            fail(f"{where} row {i}: column {col!r} must be a string (the assistant's response), got {type(row[col]).__name__}")
-        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": row[col]}], tokenize=False)
-        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        if full_ids[:len(prompt_ids)] != prompt_ids:
-            fail(f"{where} row {i}: the templated prompt is not a prefix of the templated conversation; "
-                 "this chat template cannot be split into prompt and response tokens")
-        responses.append(full_ids[len(prompt_ids):])
-    return dict(index=i, prompt_ids=prompt_ids, chosen_ids=responses[0], rejected_ids=responses[1],
-                chosen_reward=rewards[0], rejected_reward=rewards[1])
+def sampled_ids(row, tokenizer, vocab_size):
+    """(prompt ids, chosen ids, rejected ids) as sampled, checked: integers of the vocabulary, and prompt ids equal to
+    this tokenizer's templated prompt (else the pair was sampled with another model). Raises BadRow."""
+    ids = [row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]]
+    if not all(isinstance(x, list) and x and all(isinstance(t, int) and 0 <= t < vocab_size for t in x) for x in ids):
+        raise BadRow(f"prompt_ids, chosen_ids and rejected_ids must be non-empty lists of integers in [0, {vocab_size})")
+    if prompt_tokens(tokenizer, row["prompt"])[1] != ids[0]:
+        raise BadRow("prompt_ids are not this tokenizer's chat template of the prompt (sampled with another model?)")
+    return ids
+
+
+def text_ids(prompt, responses, tokenizer, eot):
+    """(prompt ids, *response ids) of text-only pairs (e.g. the authors' released data), tokenised as sampling makes
+    them, never across the prompt/response boundary (a GPT-2-style pre-tokenizer merges "\\n\\n" + word there): prompt
+    ids from the templated prompt alone; response ids from the text that the template adds after it, up to and
+    including its end-of-turn token `eot` (ChatML's and Gemma's "\\n" after it is never sampled, so never trained).
+    Raises BadRow when the template cannot be split there or changes the response text (e.g. strips reasoning)."""
+    prompt_text, prompt_ids = prompt_tokens(tokenizer, prompt)
+    eot_text, out = None if eot is None else tokenizer.convert_ids_to_tokens(eot), [prompt_ids]
+    for response in responses:
+        if not isinstance(response, str):
+            raise BadRow("the chosen and rejected responses must be strings")
+        full = apply_template(tokenizer, chat_messages(prompt) + [{"role": "assistant", "content": response}])
+        if not full.startswith(prompt_text):
+            raise BadRow("the templated prompt is not a prefix of the templated conversation")
+        added = full[len(prompt_text):]
+        end = added.find(eot_text) if eot_text else -1
+        text = added if end < 0 else added[:end]
+        if text.strip() != response.strip():
+            raise BadRow("the chat template changes the response text (e.g. it strips or rewrites reasoning)")
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"] + ([eot] if end >= 0 else []))
+    return out
 
 
 def filter_by_length(pairs, max_prompt_len, max_response_len, where):
-    """Drop pairs over the limits (like the authors' filter) and say how many, why, and how many tokens that was."""
+    """The authors' length filter: pairs with a longer prompt or response are dropped, and counted."""
     kept, dropped = [], {"prompt": [], "response": []}
     for p in pairs:
         if len(p["prompt_ids"]) > max_prompt_len:
@@ -285,13 +516,15 @@ def filter_by_length(pairs, max_prompt_len, max_response_len, where):
     return kept
 
 
-def load_pairs(cfg, tokenizer):
+def load_pairs(cfg, tokenizer, vocab_size):
     """Train and eval pairs, tokenised and length-filtered. Without an eval split (e.g. one .jsonl file), eval_size
     seeded rows of the train data are held out and never trained on."""
     single_file = os.path.isfile(cfg.dataset)  # one data file is one split
     train_rows = load_split(cfg.dataset, "train" if single_file else cfg.train_split)
     if train_rows is None:
         fail(f"dataset {cfg.dataset!r} has no split {cfg.train_split!r}")
+    if not len(train_rows):
+        fail(f"dataset {cfg.dataset!r}: no rows")
     eval_rows = None if single_file else load_split(cfg.dataset, cfg.eval_split)
     held_out = set()
     if eval_rows is None and cfg.eval_size > 0:
@@ -299,12 +532,23 @@ def load_pairs(cfg, tokenizer):
             fail(f"--eval_size {cfg.eval_size} leaves nothing to train on ({len(train_rows)} rows in {cfg.dataset})")
         held_out = set(torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.eval_size].tolist())
         print0(f"no eval split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of the train data")
+    sampled = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(train_rows.column_names)
+    print0(f"tokens: {'the sampled token ids (columns prompt_ids, chosen_ids, rejected_ids)' if sampled else 'the chat template of the texts (no sampled token ids in the data)'}")
+    if not sampled and end_of_turn(tokenizer) is None:
+        print0(f"warning: the chat template of {cfg.model} writes no end-of-turn token after an assistant message: "
+               "the end of a response is not learned")
+    if "temperature" in train_rows.column_names:
+        sampled_at = sorted(set(train_rows["temperature"]) - {cfg.temperature})
+        if sampled_at:
+            print0(f"warning: the pairs were sampled at temperature {', '.join(map(str, sampled_at))}, but the log-probs "
+                   f"use --temperature {cfg.temperature}: REBEL's log-probs should use the sampling temperature")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    pairs = tokenize_pairs(train_rows, tokenizer, f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]", rank, world_size)
+    where = f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]"
+    pairs = tokenize_pairs(train_rows, tokenizer, where, vocab_size, rank, world_size)
     train_pairs = [p for p in pairs if p["index"] not in held_out]
     eval_pairs = [p for p in pairs if p["index"] in held_out]
     if eval_rows is not None:
-        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", rank, world_size)
+        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", vocab_size, rank, world_size)
     train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
     if eval_pairs:
         eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
@@ -444,66 +688,75 @@ def rebel_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, reward_chos
     return (logratio_diff - eta * (reward_chosen - reward_rejected)) ** 2
 
 
+@dataclass
+class Run:
+    """Where this process runs, as the passes over the data need it."""
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    pad_id: int
+
+
 @torch.no_grad()
-def all_logprobs(model, pairs, cfg, rank, world_size, device, pad_id, desc):
+def all_logprobs(model, pairs, cfg, run, desc):
     """{row index: (log π(chosen), log π(rejected))} for every pair, micro-batches sharded over processes, gathered."""
     batches = micro_batches(pairs, range(len(pairs)), cfg.eval_micro_batch_size)
     done = []
-    for batch in tqdm(for_rank(batches, rank, world_size), desc=desc, unit="batch", disable=rank != 0, leave=False):
-        logps = model.response_logprobs(*to_device(collate(batch or batches[0], pad_id), device), cfg.temperature, cfg.logprob_chunk)
+    for batch in tqdm(for_rank(batches, run.rank, run.world_size), desc=desc, unit="batch", disable=run.rank != 0, leave=False):
+        logps = model.response_logprobs(*to_device(collate(batch or batches[0], run.pad_id), run.device), cfg.temperature, cfg.logprob_chunk)
         if batch is not None:
             done.append((batch, logps.view(2, len(batch))))  # kept on the device: one host sync at the end
     results = [(p["index"], c, r) for batch, logps in done for p, (c, r) in zip(batch, logps.T.tolist())]
     model.reshard()  # FSDP keeps the root unsharded after a forward with no backward; the optimizer needs the shards
-    gathered = [None] * world_size
+    gathered = [None] * run.world_size
     dist.all_gather_object(gathered, results)
     return {index: (c, r) for part in gathered for index, c, r in part}
 
 
-def fingerprint(cfg, compute_dtype, splits):
-    """What the reference log-probs depend on: the starting model, the pairs' tokens, the temperature and dtype."""
-    h = hashlib.sha256(json.dumps([cfg.model, cfg.temperature, str(compute_dtype)]).encode())
-    for name in ("config.json", "model.safetensors.index.json", "model.safetensors"):  # a local model's files
-        path = os.path.join(cfg.model, name)
-        if os.path.isfile(path):
-            h.update(f"{name}:{os.path.getsize(path)}:{os.path.getmtime(path)}".encode())
+def data_fingerprint(splits, rewards=True):
+    """sha256 of every pair's row index and token ids (and rewards): what the reference log-probs and a run depend on."""
+    h = hashlib.sha256()
     for split, pairs in splits.items():
         h.update(split.encode())
         for p in pairs:
             h.update(np.asarray([p["index"], -1, *p["prompt_ids"], -1, *p["chosen_ids"], -1, *p["rejected_ids"]], np.int64).tobytes())
+            h.update(np.asarray([p["chosen_reward"], p["rejected_reward"]] if rewards else [], np.float64).tobytes())
     return h.hexdigest()
 
 
-def reference_logprobs(model, splits, cfg, rank, world_size, device, pad_id, compute_dtype):
+def reference_logprobs(model, splits, cfg, run, model_files):
     """log πref of every train and eval pair, under the starting policy, with the same code as training. Cached as
-    output_dir/ref_logprobs.jsonl (one row per pair) and reused when the model and the data are unchanged."""
+    output_dir/ref_logprobs.jsonl (one row per pair) and reused only when the model's files, the pairs' tokens, the
+    temperature and the dtype are the same and the file holds every pair."""
     path, meta_path = os.path.join(cfg.output_dir, "ref_logprobs.jsonl"), os.path.join(cfg.output_dir, "ref_logprobs.meta.json")
-    key, ref = fingerprint(cfg, compute_dtype, splits), None
-    if rank == 0 and os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == key:
+    key = hashlib.sha256(json.dumps([model_files, data_fingerprint(splits, rewards=False), cfg.temperature, str(run.dtype)]).encode()).hexdigest()
+    ref = None
+    if run.rank == 0 and os.path.exists(meta_path) and read_jsonl(meta_path)[0][:1] == [{"fingerprint": key}]:
         ref = {split: {} for split in splits}
-        for line in open(path):
-            row = json.loads(line)
-            ref[row["split"]][row["index"]] = (row["chosen_logprob"], row["rejected_logprob"])
+        for row in read_jsonl(path)[0]:
+            ref.get(row["split"], {})[row["index"]] = (row["chosen_logprob"], row["rejected_logprob"])
+        if any(set(ref[s]) != {p["index"] for p in pairs} for s, pairs in splits.items()):
+            print0(f"reference log-probs: {path} is incomplete or damaged; computing them again")
+            ref = None
     if (ref := from_rank0(ref)) is not None:  # one decision for all processes
         print0(f"reference log-probs: reusing {path}")
         return ref
     start = time.time()
-    ref = {split: all_logprobs(model, pairs, cfg, rank, world_size, device, pad_id, f"reference log-probs ({split})")
-           for split, pairs in splits.items()}
-    if rank == 0:
+    ref = {split: all_logprobs(model, pairs, cfg, run, f"reference log-probs ({split})") for split, pairs in splits.items()}
+    if run.rank == 0:
         rows = [dict(split=split, index=i, chosen_logprob=c, rejected_logprob=r)
                 for split in ref for i, (c, r) in sorted(ref[split].items())]
         atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
-        atomic_write(meta_path, json.dumps(dict(fingerprint=key, model=cfg.model, temperature=cfg.temperature,
-                                                dtype=str(compute_dtype), pairs={s: len(p) for s, p in splits.items()})))
+        atomic_write(meta_path, json.dumps(dict(fingerprint=key)) + "\n")
     n = sum(len(p) for p in splits.values())
     print0(f"reference log-probs: {n} pairs in {time.time() - start:.1f}s ({n / (time.time() - start):.1f} pairs/s) -> {path}")
     return ref
 
 
-def evaluate(model, pairs, ref, cfg, rank, world_size, device, pad_id):
+def evaluate(model, pairs, ref, cfg, run):
     """Validation loss and sign agreement: the fraction of pairs whose chosen-minus-rejected log-ratio has the sign of Δr."""
-    logps = all_logprobs(model, pairs, cfg, rank, world_size, device, pad_id, "eval")
+    logps = all_logprobs(model, pairs, cfg, run, "eval")
     logp_c, logp_r, ref_c, ref_r = (torch.tensor([v[p["index"]][k] for p in pairs], dtype=torch.float64)
                                     for v, k in ((logps, 0), (logps, 1), (ref, 0), (ref, 1)))
     reward_c, reward_r = (torch.tensor([p[k] for p in pairs], dtype=torch.float64) for k in ("chosen_reward", "rejected_reward"))
@@ -531,9 +784,12 @@ def latest_checkpoint(output_dir):
     return max(done, key=lambda d: int(d.rsplit("_", 1)[1]), default=None)
 
 
-def save_checkpoint(model, optimizer, update, cfg, rank):
-    """A resumable, sharded checkpoint (torch.distributed.checkpoint). Written to a .partial folder and renamed when
-    complete, so a crash while saving leaves the previous checkpoint usable; older ones are removed afterwards."""
+def save_checkpoint(model, optimizer, cfg, rank, train_state):
+    """A resumable, sharded checkpoint (torch.distributed.checkpoint) with train_state.json: the update count, the
+    config, and the fingerprints of the starting model's files and of the data that a resume must match. Written to a
+    .partial folder and renamed when complete, so a crash while saving leaves the previous checkpoint usable; older
+    ones are removed afterwards."""
+    update = train_state["update"]
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final = os.path.join(cfg.output_dir, "checkpoints", f"update_{update:06d}")
@@ -548,7 +804,7 @@ def save_checkpoint(model, optimizer, update, cfg, rank):
         torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    os.path.join(partial, "rng.pt"))
         atomic_write(os.path.join(partial, "train_state.json"),
-                     json.dumps(dict(update=update, pairs_seen=update * cfg.batch_size, config=dataclasses.asdict(cfg))))
+                     json.dumps(dict(train_state, pairs_seen=update * cfg.batch_size, config=dataclasses.asdict(cfg))))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         for old in glob.glob(os.path.join(cfg.output_dir, "checkpoints", "update_*")):
@@ -604,13 +860,13 @@ def main(cfg):
     if num_updates < 1:
         fail(f"--total_episodes {cfg.total_episodes} is less than one batch of {cfg.batch_size} pairs")
     dtype = compute_dtype(cfg.dtype, device)
-    if dtype == torch.float16:
-        fail("--dtype float16 would need loss scaling, which rebel.py does not do: use bfloat16 or float32")
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        fail(f"--output_dir {cfg.output_dir} is a file, not a folder")
     checkpoint = from_rank0(latest_checkpoint(cfg.output_dir))  # one decision for all processes
     if checkpoint and not cfg.resume:
         fail(f"{cfg.output_dir} holds a checkpoint of an earlier run: add --resume to continue it, or pick another --output_dir")
-    if checkpoint:
-        state = json.load(open(os.path.join(checkpoint, "train_state.json")))
+    state = json.load(open(os.path.join(checkpoint, "train_state.json"))) if checkpoint else None
+    if state:
         changed = [f"--{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in state["config"].items()
                    if k in FIXED_ON_RESUME and v != getattr(cfg, k)]
         if changed:
@@ -619,13 +875,18 @@ def main(cfg):
             print0(f"{cfg.output_dir}: this run is finished ({num_updates} updates; the model is in final/)")
             dist.destroy_process_group()
             return
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    check_writable(cfg.output_dir, "--output_dir")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
 
     # data: read, validate and tokenise everything before the model is loaded
     tokenizer = load_tokenizer(cfg.model)
-    train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
+    model_config = load_model_config(cfg.model)
+    train_pairs, eval_pairs = load_pairs(cfg, tokenizer, model_config.vocab_size)
     splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
+    data = data_fingerprint(splits)
+    if state and state.get("data") != data:
+        fail(f"--resume: the pairs (their tokens or rewards) differ from those {checkpoint} was trained on; "
+             "resume with the same data, or use another --output_dir")
     mean_tokens = sum(map(pair_tokens, train_pairs)) / len(train_pairs)
     print0(f"processes {world_size} | device {device.type} | compute dtype {dtype} | train pairs {len(train_pairs)} | "
            f"eval pairs {len(eval_pairs)} | mean tokens per pair {mean_tokens:.0f}\n"
@@ -635,25 +896,37 @@ def main(cfg):
            f"{cfg.total_episodes - num_updates * cfg.batch_size} of total_episodes left over (not a whole batch)")
 
     model = build_model(cfg, device, dtype)
-    pad_id = tokenizer.pad_token_id
+    model_files = from_rank0(files_fingerprint(cfg.model) if rank == 0 else None)  # after the load: a Hub model is cached
+    if state and state.get("model_files") != model_files:
+        fail(f"--resume: the files of --model {cfg.model} differ from those {checkpoint} started from; resume with the "
+             "same model, or use another --output_dir")
+    run = Run(rank, world_size, device, dtype, tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
-    ref = reference_logprobs(model, splits, cfg, rank, world_size, device, pad_id, dtype)
+    ref = reference_logprobs(model, splits, cfg, run, model_files)
     start_update = load_checkpoint(model, optimizer, checkpoint) if checkpoint else 0
     if checkpoint:
         print0(f"resumed from {checkpoint} at update {start_update}")
     elif cfg.resume:
         print0(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints, starting from scratch")
     if rank == 0:  # keep the records up to the checkpoint only, so that none is duplicated
-        old = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in old if checkpoint and r["update"] <= start_update))
+        old, unreadable = read_jsonl(metrics_path) if os.path.exists(metrics_path) else ([], 0)
+        if unreadable:
+            print(f"note: {unreadable} unreadable line(s) of {metrics_path} dropped (cut by a crash or a full disk)")
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in old if checkpoint and r.get("update", 1e9) <= start_update))
+    track, close_tracker = open_tracker(cfg.report_to, cfg.output_dir, os.path.basename(os.path.abspath(cfg.output_dir)),
+                                        dataclasses.asdict(cfg), resumed_at=start_update if checkpoint else None)
+
+    def log(record):
+        if rank == 0:
+            append_jsonl(metrics_path, record)
+            track(record, record["update"])
 
     def log_eval(update):
         if eval_pairs:
-            record = dict(update=update, **evaluate(model, eval_pairs, ref["eval"], cfg, rank, world_size, device, pad_id))
+            record = dict(update=update, **evaluate(model, eval_pairs, ref["eval"], cfg, run))
             print0(f"eval @ update {update}: val_loss {record['val_loss']:.4g} | sign_align {record['sign_align']:.3f}")
-            if rank == 0:
-                append_jsonl(metrics_path, record)
+            log(record)
 
     if start_update == 0:
         log_eval(0)
@@ -667,7 +940,7 @@ def main(cfg):
         positions = global_batch(len(train_pairs), cfg.batch_size, update, cfg.seed)
         stats = torch.zeros(4, dtype=torch.float64, device=device)  # Σ loss, Σ log-ratio chosen, rejected, Σ tokens
         for batch in micro_batches(train_pairs, positions, cfg.micro_batch_size)[rank::world_size]:
-            logps = model.response_logprobs(*to_device(collate(batch, pad_id), device), cfg.temperature, cfg.logprob_chunk)
+            logps = model.response_logprobs(*to_device(collate(batch, run.pad_id), device), cfg.temperature, cfg.logprob_chunk)
             # float64 for these few numbers (free): η·Δr is ~1e4 with η = 1e6
             ref_c, ref_r, reward_c, reward_r, tokens = to_device([torch.tensor(
                 [[*ref["train"][p["index"]], p["chosen_reward"], p["rejected_reward"], pair_tokens(p)] for p in batch],
@@ -692,8 +965,8 @@ def main(cfg):
                       logratio_rejected=stats[2] / cfg.batch_size, lr=lr, grad_norm=grad_norm,
                       pairs_per_s=cfg.batch_size / seconds, tokens_per_s=stats[3] / seconds,
                       pairs_seen=(update + 1) * cfg.batch_size)
+        log(record)
         if rank == 0:
-            append_jsonl(metrics_path, record)
             bar.set_postfix(loss=f"{loss:.3g}", pairs_s=f"{record['pairs_per_s']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
             tqdm.write(f"update {update + 1}/{num_updates} | loss {loss:.4g} | logratio chosen {record['logratio_chosen']:+.4f} "
                        f"rejected {record['logratio_rejected']:+.4f} | lr {lr:.3g} | grad norm {grad_norm:.3g} | "
@@ -702,14 +975,16 @@ def main(cfg):
             log_eval(update + 1)
         stop = update + 1 - start_update == cfg.stop_after
         if (cfg.save_every and (update + 1) % cfg.save_every == 0) or update + 1 == num_updates or stop:
-            save_checkpoint(model, optimizer, update + 1, cfg, rank)
+            save_checkpoint(model, optimizer, cfg, rank, dict(update=update + 1, model_files=model_files, data=data))
         if stop and update + 1 < num_updates:
             print0(f"stopping after {cfg.stop_after} updates (--stop_after); continue with the same command and --resume")
+            close_tracker()
             dist.destroy_process_group()
             return
     bar.close()
     if cfg.save_final:
         print0(f"final model -> {save_final(model, cfg, rank)}")
+    close_tracker()
     dist.destroy_process_group()
 
 

@@ -23,6 +23,7 @@ input = its chat template of [user, assistant] cut to the first 4096 tokens, rew
 Like generate.py, the rows are cut into blocks (block_size prompts) dealt over the processes; each scored block is
 saved atomically in OUTPUT.shards/ and skipped by a rerun; rank 0 merges them and picks the pairs.
 """
+import hashlib
 import importlib.util
 import math
 import numbers
@@ -30,13 +31,15 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from generate import check_output_path, fingerprint, open_shards, run_blocks, write_rows
-from rebel import arg, chat_messages, compute_dtype, fail, init_distributed, load_split, load_tokenizer, parse_config, print0
+from rebel import (BadRow, arg, chat_messages, check_config, check_writable, compute_dtype, fail, files_fingerprint, init_distributed,
+                   load_split, load_tokenizer, open_tracker, parse_config, print0)
 
 
 @dataclass
@@ -50,10 +53,18 @@ class Config:
     max_length: int = arg(4096, "reward-model input: the chat template of [user, assistant], cut to its first this many tokens")
     batch_size: int = arg(8, "sequences per reward-model forward, grouped by length")
     block_size: int = arg(128, "prompts per block: the unit of sharding over processes and of resuming")
-    dtype: str = arg("auto", "reward model dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = arg("auto", "reward model dtype: auto = bfloat16 on GPU, float32 on CPU")
     drop_truncated: bool = arg(True, "drop prompts with a response that hit generate.py's max_new_tokens (the authors' length filter)")
     test_size: int = arg(0, "hold out this many pairs (seeded) as split test_prefs, the rest being train_prefs; 0 = one file")
     seed: int = arg(0, "seed of the train/test split")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send the run's summary (counts, reward statistics) to this tracker")
+
+    def __post_init__(self):
+        check_config(self, max_length="[1, inf)", batch_size="[1, inf)", block_size="[1, inf)", test_size="[0, inf)", seed="[0, inf)")
+        if self.test_size and self.output.endswith((".jsonl", ".parquet", ".json")):
+            fail(f"--test_size writes a datasets folder with splits train_prefs and test_prefs: give --output a folder, not {self.output}")
+        if not self.test_size:
+            check_output_path(self.output)
 
 
 # ----------------------------------------------------------------------------- input and rewards
@@ -68,13 +79,20 @@ def check_rows(rows, where, need_truncated):
                  + ("; without it, pass --drop_truncated false" if column == "truncated" else ""))
     k = len(rows[0]["responses"]) if isinstance(rows[0]["responses"], list) else None
     for i, row in enumerate(rows):
-        chat_messages(row["prompt"], f"{where} row {i}")
+        try:
+            chat_messages(row["prompt"])
+        except BadRow as e:
+            fail(f"{where} row {i}: {e}")
         responses = row["responses"]
         if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
             fail(f"{where} row {i}: 'responses' must be a non-empty list of strings, got {str(responses)[:80]}")
         if len(responses) != k:
             fail(f"{where} row {i}: {len(responses)} responses where row 0 has {k}; every prompt needs the same number")
-        if need_truncated and (not isinstance(row["truncated"], list) or len(row["truncated"]) != k):
+        if "response_ids" in row and not (isinstance(row["response_ids"], list) and len(row["response_ids"]) == k
+                                          and all(isinstance(ids, list) for ids in row["response_ids"])):
+            fail(f"{where} row {i}: 'response_ids' must be {k} lists of token ids, one per response")
+        if need_truncated and (not isinstance(row["truncated"], list) or len(row["truncated"]) != k
+                               or not all(isinstance(t, bool) for t in row["truncated"])):
             fail(f"{where} row {i}: 'truncated' must be a list of {k} booleans, one per response, got {str(row['truncated'])[:80]}")
     if k < 2:
         fail(f"{where}: {k} response per prompt; a pair needs at least 2")
@@ -130,7 +148,7 @@ def model_rewards(model, tokenizer, rows, block, cfg, device):
     with config.pad_token_id: both ordinary reward models and ArmoRM read the reward at the last token before it."""
     sequences, owner = [], []
     for i in block:
-        messages = chat_messages(rows[i]["prompt"], f"row {i}")
+        messages = chat_messages(rows[i]["prompt"])
         for response in rows[i]["responses"]:
             text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
             sequences.append(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -181,15 +199,7 @@ def summary(pairs, all_rewards):
 
 def main(cfg):
     rank, world_size, device = init_distributed()
-    if cfg.test_size < 0:
-        fail(f"--test_size must be 0 or more, got {cfg.test_size}")
-    if cfg.test_size and cfg.output.endswith((".jsonl", ".parquet", ".json")):
-        fail(f"--test_size writes a datasets folder with splits train_prefs and test_prefs: give --output a folder, not {cfg.output}")
-    if not cfg.test_size:
-        check_output_path(cfg.output)
-    for name in ("batch_size", "block_size", "max_length"):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    check_writable(cfg.output + ".shards", "--output")
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     dtype = compute_dtype(cfg.dtype, device)
 
@@ -203,20 +213,22 @@ def main(cfg):
     blocks = [list(range(s, min(s + cfg.block_size, len(rows)))) for s in range(0, len(rows), cfg.block_size)]
     settings = dict(reward=cfg.reward_fn or cfg.reward_model, max_length=None if reward_fn else cfg.max_length,
                     dtype=None if reward_fn else cfg.dtype, block_size=cfg.block_size,
-                    input_sha256=fingerprint([row["prompt"], row["responses"]] for row in rows))
-    shards = open_shards(cfg.output, settings, rank)
+                    # a reward function's file is part of what the rewards depend on: an edited one is not mixed with the old
+                    reward_fn_sha256=hashlib.sha256(open(cfg.reward_fn.rpartition(":")[0], "rb").read()).hexdigest()[:16] if reward_fn else None,
+                    input_sha256=fingerprint([row["prompt"], row["responses"], row.get("response_ids")] for row in rows))
+    shards, old = open_shards(cfg.output, settings)
     print0(f"{len(rows)} prompts × {k} responses | reward {settings['reward']} | {len(blocks)} blocks of {cfg.block_size} "
            f"prompts | {world_size} processes | device {device.type}" + ("" if reward_fn else f" | dtype {dtype}"))
 
     def make_worker():
         if reward_fn:
-            return lambda b, block: (function_rewards(reward_fn, cfg.reward_fn, rows, block), len(block) * k)
+            return (lambda b, block: (function_rewards(reward_fn, cfg.reward_fn, rows, block), len(block) * k)), None
         from transformers import AutoModelForSequenceClassification
         model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model, dtype=dtype,
                                                                    trust_remote_code=cfg.trust_remote_code).to(device).eval()
-        return lambda b, block: model_rewards(model, tokenizer, rows, block, cfg, device)
+        return (lambda b, block: model_rewards(model, tokenizer, rows, block, cfg, device)), files_fingerprint(cfg.reward_model)
 
-    scored = run_blocks(blocks, shards, make_worker, rank, world_size, "responses" if reward_fn else "tokens")
+    scored = run_blocks(blocks, shards, (settings, old), make_worker, rank, world_size, "responses" if reward_fn else "tokens")
     if rank == 0:
         scored = {s["index"]: s for s in scored}
         pairs, dropped = [], Counter()
@@ -228,7 +240,9 @@ def main(cfg):
                 continue
             pairs.append({**row, "rewards": rewards, "chosen": row["responses"][chosen], "rejected": row["responses"][rejected],
                           "chosen_reward": rewards[chosen], "rejected_reward": rewards[rejected]})
-        replaced = sorted({"rewards", "chosen", "rejected", "chosen_reward", "rejected_reward"} & rows[0].keys())
+            if "response_ids" in row:  # the sampled tokens, which rebel.py then trains on exactly
+                pairs[-1].update(chosen_ids=row["response_ids"][chosen], rejected_ids=row["response_ids"][rejected])
+        replaced = sorted({"rewards", "chosen", "rejected", "chosen_reward", "rejected_reward", "chosen_ids", "rejected_ids"} & rows[0].keys())
         if replaced:
             print0(f"note: input columns {', '.join(replaced)} are replaced by this scoring")
         cut = sum(s["cut"] for s in scored.values())
@@ -239,6 +253,11 @@ def main(cfg):
         if len(pairs) <= cfg.test_size:
             fail(f"{len(pairs)} pairs kept: " + (f"not enough for --test_size {cfg.test_size} and a train split" if pairs else "nothing to train on"))
         print0(summary(pairs, [r for s in scored.values() for r in s["rewards"]]))
+        log, close = open_tracker(cfg.report_to, os.path.dirname(os.path.abspath(cfg.output)), os.path.basename(cfg.output), vars(cfg))
+        log({"score/pairs": len(pairs), "score/prompts_dropped": sum(dropped.values()), "score/inputs_cut": cut,
+             "score/chosen_reward_mean": float(np.mean([p["chosen_reward"] for p in pairs])),
+             "score/rejected_reward_mean": float(np.mean([p["rejected_reward"] for p in pairs]))}, 0)
+        close()
         if cfg.test_size:
             from datasets import Dataset, DatasetDict
             held_out = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.test_size].tolist())
