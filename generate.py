@@ -213,7 +213,7 @@ def stop_token_ids(tokenizer, model, model_config):
     eot = end_of_turn(tokenizer)
     if eot is None:
         print0(f"warning: the chat template of {model} writes no end-of-turn token after an assistant message: the "
-               "end of a response is not learned (rebel.py trains only the sampled tokens)")
+               "end of a response is not learned from text-only pairs, only from a sampled end token of the model's configs")
     elif eot not in configured | {tokenizer.eos_token_id}:
         print0(f"warning: the chat template ends a turn with {tokenizer.convert_ids_to_tokens(eot)!r} (id {eot}), which "
                f"{model}'s configs do not list as an end token: it is added to the stop tokens")

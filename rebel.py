@@ -145,7 +145,8 @@ def check_config(cfg, **intervals):
     for name, interval in intervals.items():
         (low, high), value = map(float, interval[1:-1].split(",")), getattr(cfg, name)
         if not ((low < value if interval[0] == "(" else low <= value) and (value < high if interval[-1] == ")" else value <= high)):
-            fail(f"--{name} must be in {interval}, got {value}")
+            need = f"{'>' if interval[0] == '(' else '>='} {low:g}" if high == math.inf else f"in {interval}"
+            fail(f"--{name} must be {need}, got {value}")
     if getattr(cfg, "report_to", "none") != "none":
         package = {"wandb": "wandb", "tensorboard": "torch.utils.tensorboard"}[cfg.report_to]
         try:
@@ -489,7 +490,7 @@ def text_ids(prompt, responses, tokenizer, eot):
             raise BadRow("the templated prompt is not a prefix of the templated conversation")
         added = full[len(prompt_text):]
         end = added.find(eot_text) if eot_text else -1
-        text = added if end < 0 else added[:end]
+        text = added[:end] if end >= 0 else added.rstrip()  # without an end token: not the template's turn separator
         if text.strip() != response.strip():
             raise BadRow("the chat template changes the response text (e.g. it strips or rewrites reasoning)")
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"] + ([eot] if end >= 0 else []))
@@ -534,9 +535,9 @@ def load_pairs(cfg, tokenizer, vocab_size):
         print0(f"no eval split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of the train data")
     sampled = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(train_rows.column_names)
     print0(f"tokens: {'the sampled token ids (columns prompt_ids, chosen_ids, rejected_ids)' if sampled else 'the chat template of the texts (no sampled token ids in the data)'}")
-    if not sampled and end_of_turn(tokenizer) is None:
-        print0(f"warning: the chat template of {cfg.model} writes no end-of-turn token after an assistant message: "
-               "the end of a response is not learned")
+    if end_of_turn(tokenizer) is None:
+        print0(f"warning: the chat template of {cfg.model} writes no end-of-turn token after an assistant message: the "
+               "end of a response is learned only where a stop token was sampled (never from text-only pairs)")
     if "temperature" in train_rows.column_names:
         sampled_at = sorted(set(train_rows["temperature"]) - {cfg.temperature})
         if sampled_at:

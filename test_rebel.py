@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -41,35 +42,94 @@ CORPUS = ["The quick brown fox jumps over the lazy dog. Answer the question with
           "Write a short poem about the sea, the sky and the wind. Explain why the sky is blue."] * 5
 
 
-def make_tokenizer(path, vocab_size=384, chat_template=LLAMA3_CHAT_TEMPLATE, corpus=CORPUS):
-    """Byte-level BPE (every byte string is encodable) with Llama-3's special tokens and chat template."""
+CHATML_TEMPLATE = (  # Qwen2.5-Instruct's: a default system prompt, and "\n" after every <|im_end|>
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+GEMMA_TEMPLATE = (  # Gemma-2-it's: no system turn, "model" role, "\n" after every <end_of_turn>
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+MISTRAL_TEMPLATE = (  # Mistral-7B-Instruct's: [INST] ... [/INST], the response ends with </s>
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+THINKING_TEMPLATE = (  # DeepSeek-R1 style on ChatML: the generation prompt opens <think>, assistant turns lose their reasoning
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content.split('</think>')[-1].lstrip('\n') %}"
+    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}{%- endif %}")
+PLAIN_TEMPLATE = (  # no end-of-turn token at all: turns are separated by blank lines
+    "{%- for message in messages %}{{- message.role + ': ' + message.content + '\n\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}")
+CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# family: chat template, special tokens, tokenizer bos and eos, end tokens of the model's configs, added (not special)
+# tokens, GPT-2's byte-level pre-tokenizer instead of Llama-3's split pattern (with "\n\n" learnt as one token, as
+# real vocabularies have it), the checkpoint's sampling defaults
+FAMILIES = {
+    "llama3": dict(template=LLAMA3_CHAT_TEMPLATE, special=SPECIAL_TOKENS, bos="<|begin_of_text|>", eos="<|eot_id|>",
+                   ends=["<|end_of_text|>", "<|eot_id|>"]),
+    "chatml": dict(template=CHATML_TEMPLATE, special=CHATML_TOKENS, bos=None, eos="<|im_end|>", ends=["<|im_end|>", "<|endoftext|>"],
+                   sampling=dict(repetition_penalty=1.05, top_k=20, top_p=0.8, temperature=0.7, do_sample=True)),
+    "gemma": dict(template=GEMMA_TEMPLATE, special=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>",
+                  eos="<eos>", ends=["<eos>", "<end_of_turn>"]),
+    "mistral": dict(template=MISTRAL_TEMPLATE, special=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], bos="<s>", eos="</s>", ends=["</s>"]),
+    "thinking": dict(template=THINKING_TEMPLATE, special=CHATML_TOKENS, added=["<think>", "</think>"], bos=None, eos="<|im_end|>",
+                     ends=["<|im_end|>", "<|endoftext|>"]),
+    "no_end_token": dict(template=PLAIN_TEMPLATE, special=["<|endoftext|>"], bos=None, eos="<|endoftext|>", ends=["<|endoftext|>"]),
+    "gpt2_bytes": dict(template=LLAMA3_CHAT_TEMPLATE, special=SPECIAL_TOKENS, bos="<|begin_of_text|>", eos="<|eot_id|>",
+                       ends=["<|end_of_text|>", "<|eot_id|>"], gpt2_bytes=True, corpus=["Paragraphs\n\nand paragraphs\n\n"] * 20),
+}
+
+
+def make_tokenizer(path, vocab_size=384, corpus=CORPUS, family="llama3"):
+    """Byte-level BPE (every byte string is encodable) with a chat-model family's special tokens and chat template
+    (Llama-3's by default), saved to `path`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    spec = FAMILIES[family]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([  # Llama-3's split pattern, then bytes -> printable characters
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True) if spec.get("gpt2_bytes") else
+                         pre_tokenizers.Sequence([  # Llama-3's split pattern (keeps newlines together), then bytes -> characters
+                             pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+                             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    tok.train_from_iterator(corpus + spec.get("corpus", []), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["special"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                        chat_template=chat_template)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], chat_template=spec["template"])
+    tokenizer.add_tokens(spec.get("added", []))
     tokenizer.save_pretrained(path)
     return tokenizer
 
 
-def make_model(path, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, vocab_size=384, corpus=CORPUS):
-    """A tiny random Llama with the tokenizer above, saved like a Hub checkpoint (config, safetensors, tokenizer,
-    generation config with Llama-3's two stop tokens)."""
+def make_model(path, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, vocab_size=384, corpus=CORPUS, family="llama3", ends_often=False):
+    """A tiny random Llama with a family's tokenizer, saved like a Hub checkpoint (config, safetensors, tokenizer,
+    generation config with the family's end tokens and sampling defaults). ends_often: the output row of the chat
+    template's end-of-turn token points along the embeddings of every 10th token, so that the end of turn often
+    follows one of them and short samples end both ways, stopped and cut."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    tokenizer = make_tokenizer(path, vocab_size=vocab_size, corpus=corpus)
-    eot, end = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
+    spec = FAMILIES[family]
+    tokenizer = make_tokenizer(path, vocab_size=vocab_size, corpus=corpus, family=family)
+    ends = tokenizer.convert_tokens_to_ids(spec["ends"])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=[end, eot], tie_word_embeddings=False)
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=ends, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=[end, eot])
+    eot = rebel.end_of_turn(tokenizer)
+    if ends_often and eot is not None:
+        with torch.no_grad():
+            e = model.model.embed_tokens.weight[::10]
+            model.lm_head.weight[eot] = 0.08 * e.sum(0) / e.norm(dim=-1).mean() ** 2
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=ends, **spec.get("sampling", {}))
     model.save_pretrained(path)
     return path
 
@@ -509,7 +569,7 @@ def test_generate_bad_input_fails_before_loading_the_model(tiny_model, tmp_path,
         (dict(output=str(tmp_path / "gen.csv")), r"expected a \.jsonl or \.parquet file"),
         (dict(engine="vllm"), r"vLLM is not installed \(pip install vllm\)"),
         (dict(engine="tgi"), r"--engine must be one of hf, vllm, got .tgi."),
-        (dict(num_samples=0), r"--num_samples must be at least 1"),
+        (dict(num_samples=0), r"--num_samples must be >= 1, got 0"),
         (dict(dtype="fp8"), r"--dtype must be"),
     ]
     for overrides, message in cases:
@@ -690,6 +750,153 @@ def test_generated_and_scored_pairs_train_with_rebel(tiny_model, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert [m["update"] for m in metrics if "val_loss" in m] == [0, 1, 2]
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the tokens sampled are the tokens trained, in every template family
+
+LENGTH_REWARD = "def length(prompt, response):\n    return float(len(response))\n"
+MULTI_TURN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the sea"},
+              {"role": "assistant", "content": "blue"}, {"role": "user", "content": "and the sky"}]
+
+
+def family_pipeline(family, tmp_path, n=8, **generate_settings):
+    """generate.py (3 samples of ≤ 12 tokens) → score.py (reward = length) on a family's tiny model; the rows of both."""
+    model = make_model(str(tmp_path / family), family=family, ends_often=True)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": " ".join(WORDS[i:i + 3 + i % 5])}]}
+                                                       for i in range(n - 1)] + [{"prompt": MULTI_TURN}])  # Gemma and Mistral raise on its system turn
+    (tmp_path / "rewards.py").write_text(LENGTH_REWARD)
+    generated = gen(model, prompts, tmp_path / "gen.jsonl", num_samples=3, max_new_tokens=12, batch_size=4, **generate_settings)
+    pairs = run_score(generated, tmp_path / "pairs.jsonl", reward_fn=f"{tmp_path / 'rewards.py'}:length", drop_truncated=False)
+    return model, read_jsonl(generated), pairs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sampled_tokens_are_the_trained_tokens(family, tmp_path, capsys):
+    """generate → score → rebel in each template family: the reference log-probs that rebel.py caches are the naive
+    full-logits log-probs of exactly the sampled prompt ids + sampled response ids (stop token included, nothing after)."""
+    from transformers import AutoModelForCausalLM
+    model, generated, pairs = family_pipeline(family, tmp_path)
+    printed = capsys.readouterr().out
+    tokenizer = rebel.load_tokenizer(model)
+    stop_ids = set(generate.stop_token_ids(tokenizer, model, rebel.load_model_config(model)))
+    assert len(generated) == (7 if family in ("gemma", "mistral") else 8)  # the system-turn prompt is skipped and counted there
+    if family in ("gemma", "mistral"):
+        assert f"dropped 1 of 8 rows | 1 × the chat template raised TemplateError" in printed and "(first: row 7)" in printed
+    for row in generated:
+        assert row["prompt_ids"] == rebel.prompt_tokens(tokenizer, row["prompt"])[1]
+        for ids, truncated, text, n in zip(row["response_ids"], row["truncated"], row["responses"], row["num_tokens"]):
+            assert truncated == (ids[-1] not in stop_ids) and not stop_ids & set(ids[:-1]) and n == len(ids)
+            assert text == tokenizer.decode(ids if truncated else ids[:-1], skip_special_tokens=True)
+    ends = [t for row in generated for t in row["truncated"]]
+    assert True in ends and False in ends  # both stopped and cut samples
+
+    if family == "no_end_token":
+        assert "writes no end-of-turn token after an assistant message" in printed
+    out = train(model, pairs, tmp_path / "run", total_episodes=4, batch_size=4, eval_size=0, save_final=False)
+    printed = capsys.readouterr().out
+    assert "tokens: the sampled token ids" in printed
+    assert ("writes no end-of-turn token after an assistant message" in printed) == (family == "no_end_token")
+    ref = {r["index"]: r for r in read_jsonl(os.path.join(out, "ref_logprobs.jsonl"))}
+    rows = read_jsonl(pairs)
+    assert sorted(ref) == list(range(len(rows)))
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        best, worst = row["rewards"].index(max(row["rewards"])), row["rewards"].index(min(row["rewards"]))
+        assert (row["chosen_ids"], row["rejected_ids"]) == (row["response_ids"][best], row["response_ids"][worst])
+        with torch.no_grad():
+            for key, column in (("chosen_logprob", "chosen_ids"), ("rejected_logprob", "rejected_ids")):
+                assert ref[i][key] == pytest.approx(naive_logprob(policy, row["prompt_ids"], row[column], 0.8).item(), abs=1e-4)
+
+    # the same pairs as text only (the authors' released data has no ids): tokenised like sampling, or dropped with a reason
+    from datasets import Dataset
+    texts = Dataset.from_list([{k: v for k, v in row.items() if not k.endswith("_ids")} for row in rows])
+    eot = rebel.end_of_turn(tokenizer)
+    if family == "thinking":  # the history rewrites <think>: no row can be split, and the message says why
+        with pytest.raises(SystemExit, match=r"every row was dropped \(the templated prompt is not a prefix"):
+            rebel.tokenize_pairs(texts, tokenizer, "t", len(tokenizer))
+        return
+    for pair in rebel.tokenize_pairs(texts, tokenizer, "t", len(tokenizer)):
+        row = rows[pair["index"]]
+        assert pair["prompt_ids"] == row["prompt_ids"]  # the prompt alone, never merged with the response
+        for ids, text in ((pair["chosen_ids"], row["chosen"]), (pair["rejected_ids"], row["rejected"])):
+            assert (ids[-1] == eot) if eot is not None else (eot not in ids)  # the end of turn, never the "\n" after it
+            assert tokenizer.decode(ids[:-1] if eot is not None else ids).strip() == text.strip()
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tmp_path_factory):
+    return {family: make_tokenizer(str(tmp_path_factory.mktemp(family)), family=family) for family in FAMILIES}
+
+
+def test_text_pairs_split_where_the_template_does(family_tokenizers):
+    """Text-only pairs: the end-of-turn token comes from each template; the prompt is tokenised alone and the response
+    from the text the template adds after it, up to its end-of-turn token; a row that cannot be split is a BadRow."""
+    tok = family_tokenizers
+    ends = {f: rebel.end_of_turn(t) for f, t in tok.items()}
+    assert {f: e if e is None else tok[f].convert_ids_to_tokens(e) for f, e in ends.items()} == {
+        "llama3": "<|eot_id|>", "chatml": "<|im_end|>", "gemma": "<end_of_turn>", "mistral": "</s>", "thinking": "<|im_end|>",
+        "no_end_token": None, "gpt2_bytes": "<|eot_id|>"}
+    ids = lambda family, response, prompt="the sea": rebel.text_ids(prompt, [response], tok[family], ends[family])  # noqa: E731
+    # 1. ChatML: a response that starts with "\n" (which merged with the template's own "\n" before) is kept as sampled
+    prompt_ids, response = ids("chatml", "\nsea and sky")
+    assert tok["chatml"].decode(response) == "\nsea and sky<|im_end|>" and prompt_ids == rebel.prompt_tokens(tok["chatml"], "the sea")[1]
+    # 2. ChatML and Gemma write "\n" after their end of turn: it is not part of the response
+    for family in ("chatml", "gemma"):
+        assert ids(family, "blue")[1][-1] == ends[family]
+    # 9. GPT-2's byte-level pre-tokenizer splits "\n\n" + word as "\n", "\n" + word: tokenised together, the templated
+    #    prompt would not be a prefix; tokenised apart, as sampling sees it, it is
+    prompt_text, prompt_ids = rebel.prompt_tokens(tok["gpt2_bytes"], "the sea")
+    together = tok["gpt2_bytes"](prompt_text + "blue sky<|eot_id|>", add_special_tokens=False)["input_ids"]
+    assert together[:len(prompt_ids)] != prompt_ids
+    assert ids("gpt2_bytes", "blue sky") == [prompt_ids, tok["gpt2_bytes"]("blue sky", add_special_tokens=False)["input_ids"] + [ends["gpt2_bytes"]]]
+    # 5. no end-of-turn token: the response is its text, without the template's blank line after it
+    assert tok["no_end_token"].decode(ids("no_end_token", "blue sky")[1]) == "blue sky"
+    # 3. and 4. thinking templates: one that opens <think> in the generation prompt cannot be split at all; one that strips
+    #    the reasoning from assistant turns would train on text that was never sampled
+    with pytest.raises(rebel.BadRow, match="not a prefix"):
+        ids("thinking", "the sea is deep</think>blue")
+    tok["thinking"].chat_template = THINKING_TEMPLATE.replace("<think>\n", "")
+    assert "<think>" not in rebel.prompt_tokens(tok["thinking"], "the sea")[0]
+    with pytest.raises(rebel.BadRow, match="changes the response text"):
+        ids("thinking", "<think>the sea is deep</think>blue")
+    tok["thinking"].chat_template = THINKING_TEMPLATE
+    # 8. a template that raises on a row, and messages that are not a chat: reasons, not tracebacks
+    with pytest.raises(rebel.BadRow, match="the chat template raised TemplateError: System role not supported"):
+        ids("gemma", "blue", MULTI_TURN)
+    for prompt, reason in (([{"role": "human", "content": "hi"}], "'role': 'system'|'user'|'assistant'"), ([], "non-empty list"),
+                           (MULTI_TURN[:3], "must end with a user turn, not 'assistant'"), ({"text": "hi"}, "a string or a non-empty list")):
+        with pytest.raises(rebel.BadRow, match=re.escape(reason)):
+            ids("llama3", "blue", prompt)
+
+
+def test_sampling_uses_exactly_the_flags_and_the_templates_end_of_turn(tmp_path, capsys):
+    """6. A checkpoint whose generation_config.json asks for a repetition penalty, min_new_tokens and its own top_k,
+    temperature and top_p samples exactly the tokens of one without them; 7. an older Llama-3 checkpoint whose configs
+    list only <|end_of_text|> still stops at the template's <|eot_id|> (with a warning)."""
+    base = make_model(str(tmp_path / "base"), ends_often=True)
+    quirky, old = str(tmp_path / "quirky"), str(tmp_path / "old_llama3")
+    shutil.copytree(base, quirky)
+    shutil.copytree(base, old)
+    settings = json.load(open(os.path.join(base, "generation_config.json")))
+    json.dump(dict(settings, repetition_penalty=1.5, min_new_tokens=8, no_repeat_ngram_size=2, top_k=5, temperature=0.2,
+                   top_p=0.5, do_sample=True), open(os.path.join(quirky, "generation_config.json"), "w"))
+    end = rebel.load_tokenizer(base).convert_tokens_to_ids("<|end_of_text|>")
+    json.dump(dict(settings, eos_token_id=end), open(os.path.join(old, "generation_config.json"), "w"))
+    config = json.load(open(os.path.join(old, "config.json")))
+    json.dump(dict(config, eos_token_id=end), open(os.path.join(old, "config.json"), "w"))
+    tokenizer_config = json.load(open(os.path.join(old, "tokenizer_config.json")))
+    json.dump(dict(tokenizer_config, eos_token="<|end_of_text|>"), open(os.path.join(old, "tokenizer_config.json"), "w"))
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=6)
+    rows = {name: read_jsonl(gen(model, prompts, tmp_path / f"{name}.jsonl", num_samples=4, max_new_tokens=10))
+            for name, model in (("base", base), ("quirky", quirky), ("old", old))}
+    printed = capsys.readouterr().out
+    assert "sampling: temperature 0.8 | top_p 0.9 | no top_k | max_new_tokens 10" in printed
+    assert "the chat template ends a turn with '<|eot_id|>'" in printed and "it is added to the stop tokens" in printed
+    eot = rebel.load_tokenizer(base).convert_tokens_to_ids("<|eot_id|>")
+    assert any(ids[-1] == eot for row in rows["old"] for ids in row["response_ids"])
+    assert any(n < 8 for row in rows["quirky"] for n in row["num_tokens"])  # min_new_tokens did not apply
+    strip = lambda rs: [{k: v for k, v in r.items()} for r in rs]  # noqa: E731
+    assert strip(rows["quirky"]) == strip(rows["base"]) == strip(rows["old"])
 
 
 # ----------------------------------------------------------------------------- eval_gsm8k.py
@@ -883,8 +1090,8 @@ def test_gsm8k_bad_input_fails_clearly_before_loading_the_model(gsm8k, tmp_path)
     assert "test.jsonl line 2: not valid JSON" in error(data_folder("not_json", good[:1] + ["{oops"]))
     assert "line 1: the answer has no '#### '" in error(data_folder("no_hashes", ['{"question": "q", "answer": "18"}']))
     assert "--num_fewshot 11 is more than the 10 train questions" in error(data_folder("few", good), num_fewshot=11)
-    assert "--limit must be in [0, inf), got -1" in error(GSM8K, limit=-1)
-    assert "--batch_size must be in [1, inf), got 0" in error(GSM8K, batch_size=0)
+    assert "--limit must be >= 0, got -1" in error(GSM8K, limit=-1)
+    assert "--batch_size must be >= 1, got 0" in error(GSM8K, batch_size=0)
     assert "no such folder, and not a Hub id" in error(tmp_path / "missing")
     assert "no such folder, and not a Hub id" in error(GSM8K, model=str(tmp_path / "no" / "model" / "here"))
 
