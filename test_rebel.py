@@ -283,11 +283,15 @@ def final_weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
-def test_two_processes_equal_one_and_final_model_reloads(tiny_model, tmp_path):
-    data = write_pairs(tmp_path / "p.jsonl", n=40)
+def test_two_processes_equal_one_and_final_model_reloads(tiny_model, tmp_path, capsys):
+    rows = read_jsonl(write_pairs(tmp_path / "p.jsonl", n=41, message_prompts=True))
+    rows[17]["prompt"] = [{"role": "human", "content": "hi"}]  # dropped and counted by every process alike, not a hang
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
     one = train(tiny_model, data, tmp_path / "one")
     two = str(tmp_path / "two")  # the same settings, but 2 processes and activation checkpointing on
-    torchrun("rebel.py", dict(TRAIN_SETTINGS, model=tiny_model, dataset=data, output_dir=two, activation_checkpointing="true"))
+    done = torchrun("rebel.py", dict(TRAIN_SETTINGS, model=tiny_model, dataset=data, output_dir=two, activation_checkpointing="true"))
+    for printed in (capsys.readouterr().out, done.stdout):
+        assert "dropped 1 of 41 rows | 1 × each message must be" in printed and "(first: row 17)" in printed
     m1, m2 = read_jsonl(os.path.join(one, "metrics.jsonl")), read_jsonl(os.path.join(two, "metrics.jsonl"))
     assert [r["update"] for r in m1] == [r["update"] for r in m2] == [0, 1, 2, 2, 3, 4, 4]
     for r1, r2 in zip(m1, m2):  # losses square differences of fp32 sums of ~50 log-probs: equal to ~1e-5 relative
@@ -323,9 +327,12 @@ def test_resume_equals_uninterrupted(tiny_model, tmp_path, capsys):
     # a crash while writing the next checkpoint, and records logged after the checkpoint, must not matter
     os.makedirs(os.path.join(checkpoints, "update_000004.partial"))
     rebel.append_jsonl(os.path.join(part, "metrics.jsonl"), {"update": 4, "loss": -1.0})
+    with open(os.path.join(part, "metrics.jsonl"), "a") as f:
+        f.write('{"update": 4, "lo')  # and a line cut by a full disk
     capsys.readouterr()
     train(tiny_model, data, part, total_episodes=48, resume=True)
-    assert "reference log-probs: reusing" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "note: 1 unreadable line(s) of" in printed and "reference log-probs: reusing" in printed
     w1, w2 = final_weights(full), final_weights(part)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
     m_full, m_part = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
@@ -393,6 +400,10 @@ def test_bad_input_fails_clearly_before_loading_the_model(tiny_model, tmp_path, 
         if name.startswith("chat_template"):
             os.remove(os.path.join(no_template, name))
 
+    empty, cut, no_weights = tmp_path / "empty.jsonl", tmp_path / "cut.jsonl", tmp_path / "no_weights"
+    empty.write_text("")
+    cut.write_text("".join(json.dumps(r) + "\n" for r in good[:2]) + json.dumps(good[2])[:30] + "\n")
+    shutil.copytree(tiny_model, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     cases = [
         (dict(dataset=str(tmp_path / "missing.jsonl")), r"missing\.jsonl.*no such file"),
         (dict(dataset=data("no_col", [{k: v for k, v in r.items() if k != "chosen_reward"} for r in good])), r"missing column 'chosen_reward'"),
@@ -406,6 +417,26 @@ def test_bad_input_fails_clearly_before_loading_the_model(tiny_model, tmp_path, 
         (dict(total_episodes=4), r"less than one batch"),
         (dict(dtype="fp8"), r"--dtype must be"),
         (dict(output_dir=str(tmp_path / "earlier")), r"holds a checkpoint of an earlier run: add --resume"),
+        # settings that trained the wrong thing, or failed late, are refused before any data is read
+        (dict(micro_batch_size=-2), r"--micro_batch_size must be >= 1, got -2"),
+        (dict(micro_batch_size=0), r"--micro_batch_size must be >= 1, got 0"),
+        (dict(eta=-1.0), r"--eta must be > 0, got -1.0"),
+        (dict(eta=0.0), r"--eta must be > 0, got 0.0"),
+        (dict(temperature=-0.8), r"--temperature must be > 0, got -0.8"),
+        (dict(temperature=0), r"--temperature must be > 0, got 0"),
+        (dict(warmup_ratio=2.0), r"--warmup_ratio must be in \[0, 1\], got 2.0"),
+        (dict(lr=-1e-3), r"--lr must be > 0, got -0.001"),
+        (dict(beta1=1.5), r"--beta1 must be in \[0, 1\), got 1.5"),
+        (dict(eval_micro_batch_size=0), r"--eval_micro_batch_size must be >= 1, got 0"),
+        (dict(logprob_chunk=-1), r"--logprob_chunk must be >= 1, got -1"),
+        (dict(batch_size="8"), r"--batch_size must be a int, got '8'"),
+        (dict(report_to="mlflow"), r"--report_to must be one of none, wandb, tensorboard, got 'mlflow'"),
+        # files that gave tracebacks
+        (dict(dataset=str(empty)), r"empty\.jsonl: the file is empty"),
+        (dict(dataset=str(cut)), r"cut\.jsonl: line 3: not valid JSON"),
+        (dict(output_dir=str(empty)), r"--output_dir .*empty\.jsonl is a file, not a folder"),
+        (dict(output_dir=str(empty / "run")), r"--output_dir .*empty\.jsonl/run: cannot write there"),
+        (dict(model=str(no_weights)), r"model folder .*no_weights has no weights"),
     ]
     os.makedirs(tmp_path / "earlier" / "checkpoints" / "update_000002")
     (tmp_path / "earlier" / "checkpoints" / "update_000002" / "train_state.json").write_text('{"update": 2}')
@@ -429,6 +460,93 @@ def test_help_documents_every_flag(capsys):
             assert f"--{field.name}" in out and field.metadata["help"].split()[0] in out
     cfg = rebel.parse_config(score.Config, ["--drop_truncated", "false", "--test_size", "3", "--reward_fn", "f.py:g", "--output", "pairs"])
     assert (cfg.drop_truncated, cfg.test_size, cfg.reward_fn) == (False, 3, "f.py:g")
+
+
+# ----------------------------------------------------------------------------- config files and experiment tracking
+
+def test_config_files_and_flags_give_the_same_run(tiny_model, tmp_path):
+    """`script.py run.yaml` (HF's convention), `--config run.json`, and flags: the same config; flags override the file."""
+    data = write_pairs(tmp_path / "p.jsonl", n=24)
+    flags = ["--model", tiny_model, "--dataset", data, "--lr", "3e-7", "--total_episodes", "16", "--batch_size", "8",
+             "--activation_checkpointing", "false", "--eval_size", "8", "--eta", "2.5", "--dtype", "float32"]
+    settings = dict(model=tiny_model, dataset=data, lr="3e-7", total_episodes=16, batch_size=8,  # YAML reads 3e-7 as a string
+                    activation_checkpointing=False, eval_size=8, eta=2.5, dtype="float32", micro_batch_size=4)
+    (tmp_path / "run.yaml").write_text("".join(f"{k}: {v}\n" for k, v in settings.items()).replace("False", "false"))
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    expected = rebel.parse_config(rebel.Config, flags)
+    assert expected.lr == 3e-7 and expected.activation_checkpointing is False and expected.micro_batch_size == 2
+    for argv in ([str(tmp_path / "run.yaml")], ["--config", str(tmp_path / "run.json")], [str(tmp_path / "run.json")]):
+        assert rebel.parse_config(rebel.Config, argv + ["--micro_batch_size", "2"]) == expected  # the flag wins
+        assert rebel.parse_config(rebel.Config, argv).micro_batch_size == 4
+    for module, argv in ((generate, ["--temperature", "1.0", "--engine", "hf", "--num_samples", "3"]),
+                         (score, ["--drop_truncated", "false", "--max_length", "77"]), (eval_gsm8k, ["--chat_template", "--limit", "5"])):
+        keys = [a[2:] for a in argv if a.startswith("--")]
+        file = tmp_path / f"{module.__name__}.yaml"
+        flat = rebel.parse_config(module.Config, argv)
+        file.write_text("".join(f"{k}: {json.dumps(getattr(flat, k))}\n" for k in keys))
+        assert rebel.parse_config(module.Config, [str(file)]) == flat
+    (tmp_path / "typo.yaml").write_text("learning_rate: 1e-6\n")
+    with pytest.raises(SystemExit, match=r"--config .*typo\.yaml: unknown settings learning_rate"):
+        rebel.parse_config(rebel.Config, [str(tmp_path / "typo.yaml")])
+    (tmp_path / "bad.yaml").write_text("lr: [1\n")
+    with pytest.raises(SystemExit, match=r"--config .*bad\.yaml: "):
+        rebel.parse_config(rebel.Config, [str(tmp_path / "bad.yaml")])
+    # and the run itself: from the YAML file, the same metrics as from the flags
+    for argv, name in ((flags, "flags"), ([str(tmp_path / "run.yaml"), "--micro_batch_size", "2"], "yaml")):
+        rebel.main(rebel.parse_config(rebel.Config, argv + ["--output_dir", str(tmp_path / name), "--save_final", "false"]))
+    strip = lambda name: [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in read_jsonl(tmp_path / name / "metrics.jsonl")]  # noqa: E731
+    assert len(strip("flags")) == 4 and strip("yaml") == strip("flags")  # eval, update 1, update 2, eval
+
+
+def fake_trackers(monkeypatch):
+    """Stand-ins for wandb and torch.utils.tensorboard that record what they are given."""
+    from types import ModuleType
+    calls = {"wandb_init": [], "wandb_log": [], "tb_init": [], "tb_scalars": [], "tb_text": []}
+    wandb = ModuleType("wandb")
+    wandb.util = SimpleNamespace(generate_id=lambda: f"run{len(calls['wandb_init'])}")
+
+    def init(**kwargs):
+        calls["wandb_init"].append(kwargs)
+        return SimpleNamespace(log=lambda record, step: calls["wandb_log"].append((dict(record), step)), finish=lambda: None)
+    wandb.init = init
+    tensorboard = ModuleType("torch.utils.tensorboard")
+
+    class SummaryWriter:
+        def __init__(self, log_dir, purge_step=None):
+            calls["tb_init"].append((log_dir, purge_step))
+        add_scalar = lambda self, key, value, step: calls["tb_scalars"].append((key, value, step))  # noqa: E731
+        add_text = lambda self, key, text: calls["tb_text"].append((key, text))  # noqa: E731
+        flush = close = lambda self: None  # noqa: E731
+    tensorboard.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    return calls
+
+
+def test_report_to_wandb_and_tensorboard_log_every_record_and_continue_on_resume(tiny_model, tmp_path, monkeypatch):
+    data = write_pairs(tmp_path / "p.jsonl", n=40)
+    calls = fake_trackers(monkeypatch)
+    for tracker in ("wandb", "tensorboard"):
+        out = train(tiny_model, data, tmp_path / tracker, report_to=tracker, stop_after=2, save_every=1)
+        train(tiny_model, data, out, report_to=tracker, resume=True, save_every=1)
+        metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
+        if tracker == "wandb":  # one run: the same id again on resume; every record under its metrics.jsonl names
+            first, again = calls["wandb_init"]
+            assert first["id"] == again["id"] == open(os.path.join(out, "wandb_run_id")).read() and again["resume"] == "allow"
+            assert first["config"]["eta"] == 1.0 and first["config"]["report_to"] == "wandb"
+            assert [(r, r["update"]) for r in metrics] == calls["wandb_log"]
+        else:  # the resume purges what was logged after its checkpoint, so no step is there twice
+            assert calls["tb_init"] == [(os.path.join(out, "tensorboard"), None), (os.path.join(out, "tensorboard"), 3)]
+            assert len(calls["tb_text"]) == 1 and '"eta": 1.0' in calls["tb_text"][0][1]
+            assert calls["tb_scalars"] == [(k, v, r["update"]) for r in metrics for k, v in r.items()]
+    # generate.py and score.py send their summaries
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
+    gen(tiny_model, prompts, tmp_path / "gen.jsonl", report_to="wandb")
+    assert calls["wandb_log"][-1][0]["generate/prompts"] == 4 and calls["wandb_log"][-1][0]["generate/responses"] == 12
+    # a tracker that is not installed: one line, before any work
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(SystemExit, match=r"--report_to wandb: the package is not installed \(pip install wandb\)"):
+        rebel.Config(report_to="wandb")
 
 
 # ----------------------------------------------------------------------------- generate.py and score.py
@@ -548,6 +666,16 @@ def test_generate_resumes_after_an_interruption(tiny_model, tmp_path, capsys):
     saved = {r["index"] for r in first}
     assert [r["responses"] == ["SAVED"] * 3 for r in resumed] == [i in saved for i in range(9)]
     assert [r for i, r in enumerate(resumed) if i not in saved] == [r for i, r in enumerate(full) if i not in saved]
+    # damaged blocks (a bad disk or copy, never a kill: writes are atomic) are named and sampled again, never merged short
+    os.remove(out)
+    lines = open(os.path.join(shards, "block_000001.jsonl")).readlines()
+    open(os.path.join(shards, "block_000001.jsonl"), "w").writelines(lines[:1])
+    open(os.path.join(shards, "block_000002.jsonl"), "w").close()
+    open(os.path.join(shards, "block_000003.jsonl"), "w").write(lines[0][:40])
+    capsys.readouterr()
+    assert read_jsonl(gen(tiny_model, prompts, out)) == resumed
+    printed = capsys.readouterr().out
+    assert all(f"block_00000{b}.jsonl is damaged" in printed for b in (1, 2, 3)) and "2 of 5 blocks already saved" in printed
     with pytest.raises(SystemExit, match=r"part\.jsonl\.shards holds blocks made with other settings \(temperature 0\.8 -> 1\.5\)"):
         gen(tiny_model, prompts, out, temperature=1.5)
     write_prompts(tmp_path / "prompts.jsonl", n=9, seed=1)  # other prompts under the same file name
@@ -562,6 +690,9 @@ def test_generate_bad_input_fails_before_loading_the_model(tiny_model, tmp_path,
         raise AssertionError("the model was loaded before the input was checked")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
+    folder, no_weights = tmp_path / "folder.jsonl", tmp_path / "no_weights"
+    folder.mkdir()
+    shutil.copytree(tiny_model, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     cases = [
         (dict(prompts=str(tmp_path / "missing.jsonl")), r"missing\.jsonl.*no such file"),
         (dict(prompt_column="question"), r"prompts\.jsonl: missing column 'question' \(columns: prompt\)"),
@@ -570,6 +701,12 @@ def test_generate_bad_input_fails_before_loading_the_model(tiny_model, tmp_path,
         (dict(engine="vllm"), r"vLLM is not installed \(pip install vllm\)"),
         (dict(engine="tgi"), r"--engine must be one of hf, vllm, got .tgi."),
         (dict(num_samples=0), r"--num_samples must be >= 1, got 0"),
+        (dict(top_p=0.0), r"--top_p must be in \(0, 1\], got 0.0"),
+        (dict(temperature=0.0), r"--temperature must be > 0, got 0.0"),
+        (dict(max_prompt_len=0), r"--max_prompt_len must be >= 1, got 0"),
+        (dict(prompts=write_jsonl(tmp_path / "empty.jsonl", [])), r"empty\.jsonl: the file is empty"),
+        (dict(output=str(folder)), r"--output .*folder\.jsonl is a folder, expected a file"),
+        (dict(model=str(no_weights)), r"model folder .*no_weights has no weights"),
         (dict(dtype="fp8"), r"--dtype must be"),
     ]
     for overrides, message in cases:
@@ -577,7 +714,7 @@ def test_generate_bad_input_fails_before_loading_the_model(tiny_model, tmp_path,
             continue
         settings = {"prompts": prompts, "output": str(tmp_path / "gen.jsonl"), **overrides}
         with pytest.raises(SystemExit, match=message):
-            gen(tiny_model, settings.pop("prompts"), settings.pop("output"), **settings)
+            gen(settings.pop("model", tiny_model), settings.pop("prompts"), settings.pop("output"), **settings)
 
 
 # ----------------------------------------------------------------------------- score.py
@@ -709,6 +846,11 @@ def test_score_bad_input_names_the_row(reward_model, tmp_path, monkeypatch):
         (dict(input=data("unequal", [{**r, "responses": ["a", "b"], "truncated": [False] * 2} if i == 3 else r for i, r in enumerate(good)])),
          r"unequal\.jsonl row 3: 2 responses where row 0 has 3"),
         (dict(input=data("one", [{**r, "responses": ["a"], "truncated": [False]} for r in good])), r"1 response per prompt; a pair needs at least 2"),
+        (dict(input=data("text_flags", [{**r, "truncated": ["no"] * 3} for r in good])), r"text_flags\.jsonl row 0: 'truncated' must be a list of 3 booleans"),
+        (dict(input=data("bad_role", [{**r, "prompt": [{"role": "human", "content": "hi"}]} if i == 1 else r for i, r in enumerate(good)])),
+         r"bad_role\.jsonl row 1: each message must be"),
+        (dict(input=write_jsonl(tmp_path / "no_rows.jsonl", [])), r"no_rows\.jsonl: the file is empty"),
+        (dict(batch_size=0), r"--batch_size must be >= 1, got 0"),
         (dict(reward_fn=f"{fn}:fails_on_row_1"), r"raised on row 1, response 0: ZeroDivisionError"),
         (dict(reward_fn=f"{fn}:nan_on_row_2"), r"on row 2, response 1: the reward must be a finite number, got nan"),
         (dict(reward_fn=f"{tmp_path}/nowhere.py:f"), r"no file .*nowhere\.py"),
@@ -750,6 +892,66 @@ def test_generated_and_scored_pairs_train_with_rebel(tiny_model, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert [m["update"] for m in metrics if "val_loss" in m] == [0, 1, 2]
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- resumable state, bad rows
+
+FAILS_ON_ROW_4 = "def reward(prompt, response):\n    return 1 / 0 if prompt == 'p4' else float(len(response))\n"
+
+
+def test_resumable_state_is_recognised_by_content_not_by_name(tiny_model, tmp_path):
+    """What was made with an older model, data or reward function at the same path is refused, never mixed in."""
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny_model, model)
+    # generate.py: the model folder is replaced at the same path (same file names and sizes) after a kill
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=6)
+    out = gen(model, prompts, tmp_path / "gen.jsonl")
+    os.remove(out)
+    os.remove(out + ".shards/block_000001.jsonl")
+    shutil.rmtree(model)
+    make_model(model, seed=1)
+    with pytest.raises(SystemExit, match=r"gen\.jsonl\.shards holds blocks made with other model files"):
+        gen(model, prompts, out)
+    # score.py: the reward function raised on row 4 (block 1); the user fixes it and runs the same command again
+    fn = tmp_path / "rewards.py"
+    fn.write_text(FAILS_ON_ROW_4)
+    data = write_jsonl(tmp_path / "gen2.jsonl", [dict(prompt=f"p{i}", responses=["a", "bb", "c"], truncated=[False] * 3) for i in range(9)])
+    with pytest.raises(SystemExit, match="raised on row 4"):
+        run_score(data, tmp_path / "pairs.jsonl", reward_fn=f"{fn}:reward")
+    assert os.listdir(tmp_path / "pairs.jsonl.shards") != ["manifest.json"]  # block 0 was saved
+    fn.write_text(FAILS_ON_ROW_4.replace("1 / 0", "2.0"))
+    with pytest.raises(SystemExit, match=r"other settings \(reward_fn_sha256"):
+        run_score(data, tmp_path / "pairs.jsonl", reward_fn=f"{fn}:reward")
+    # rebel.py --resume: rewards changed in place, then the starting model replaced
+    pairs = write_pairs(tmp_path / "p.jsonl", n=24)
+    run = train(model, pairs, tmp_path / "run", total_episodes=24, eval_size=0, stop_after=1)
+    rows = read_jsonl(pairs)
+    write_jsonl(pairs, [dict(r, chosen_reward=r["chosen_reward"] + (i == 3)) for i, r in enumerate(rows)])
+    with pytest.raises(SystemExit, match=r"--resume: the pairs \(their tokens or rewards\) differ"):
+        train(model, pairs, run, total_episodes=24, eval_size=0, resume=True)
+    write_jsonl(pairs, rows)
+    shutil.rmtree(model)
+    make_model(model, seed=2)
+    with pytest.raises(SystemExit, match=r"--resume: the files of --model .* differ from those .*update_000001 started from"):
+        train(model, pairs, run, total_episodes=24, eval_size=0, resume=True)
+
+
+def test_bad_rows_are_dropped_and_counted_and_the_run_goes_on(tiny_model, tmp_path, capsys):
+    rows = read_jsonl(write_pairs(tmp_path / "p.jsonl", n=24, message_prompts=True))
+    rows[3]["prompt"] = []
+    rows[5]["prompt"] = [{"role": "human", "content": "hi"}]
+    rows[7]["prompt"] = rows[7]["prompt"] + [{"role": "assistant", "content": "ok"}]
+    out = train(tiny_model, write_jsonl(tmp_path / "p.jsonl", rows), tmp_path / "run", total_episodes=8, eval_size=0, save_final=False)
+    printed = capsys.readouterr().out
+    assert "dropped 3 of 24 rows" in printed and "(first: row 3)" in printed and "(first: row 5)" in printed and "(first: row 7)" in printed
+    assert sorted(r["index"] for r in read_jsonl(os.path.join(out, "ref_logprobs.jsonl"))) == [i for i in range(24) if i not in (3, 5, 7)]
+    # generate.py: the same prompts are skipped and counted, and so are prompts over --max_prompt_len
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows[:10]]
+                          + [{"prompt": [{"role": "user", "content": " ".join(WORDS * 3)}]}])
+    kept = read_jsonl(gen(tiny_model, prompts, tmp_path / "gen.jsonl", max_prompt_len=64))
+    printed = capsys.readouterr().out
+    assert "dropped 4 of 11 rows" in printed and "1 × longer than --max_prompt_len 64 tokens (first: row 10)" in printed
+    assert [r["prompt_id"] for r in kept] == [0, 1, 2, 4, 6, 8, 9]
 
 
 # ----------------------------------------------------------------------------- the tokens sampled are the tokens trained, in every template family
