@@ -10,7 +10,9 @@ length filter), when chosen and rejected tie in reward, or when they are the sam
     chosen_reward, rejected_reward    their rewards
 
 which is what rebel.py --dataset reads. Defaults reproduce the authors' scoring: RLHFlow/ArmoRM-Llama3-8B-v0.1 in bf16,
-input = its chat template of [user, assistant] cut to the first 4096 tokens, reward = its `score` output (raw).
+input = its chat template of [user, assistant] cut to the first 4096 tokens, reward = its `score` output (raw), computed
+from its weights by class ArmoRM below, without running the repository's code. A reward model whose checkpoint lacks any
+of its parameters is refused; a prompt the reward model cannot score is dropped and counted, with the reason.
 
     # reward model, one process (CPU or one GPU):
     python score.py --input gen.jsonl --reward_model path/to/rm --output pairs.jsonl
@@ -25,6 +27,7 @@ saved atomically in OUTPUT.shards/ and skipped by a rerun; rank 0 merges them an
 """
 import hashlib
 import importlib.util
+import json
 import math
 import numbers
 import os
@@ -32,10 +35,12 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from generate import check_output_path, fingerprint, open_shards, run_blocks, write_rows
 from rebel import (BadRow, arg, chat_messages, check_config, check_writable, compute_dtype, fail, files_fingerprint, init_distributed,
@@ -47,9 +52,9 @@ class Config:
     input: str = arg("runs/generations.jsonl", "generate.py's output: Hub id, datasets folder, or .json/.jsonl/.parquet file")
     split: str = arg("train", "split of --input to read")
     output: str = arg("runs/pairs.jsonl", "a .jsonl or .parquet file; with --test_size, a datasets folder (save_to_disk)")
-    reward_model: str = arg("RLHFlow/ArmoRM-Llama3-8B-v0.1", "sequence-classification reward model (Hub id or local folder)")
+    reward_model: str = arg("RLHFlow/ArmoRM-Llama3-8B-v0.1", "sequence-classification reward model or ArmoRM (Hub id or local folder)")
     reward_fn: str = arg("", "instead of a reward model: path/to/file.py:name, a function (prompt, response) -> float")
-    trust_remote_code: bool = arg(True, "run the reward model's own modelling code from its folder (ArmoRM needs it)")
+    trust_remote_code: bool = arg(False, "run the Python code in the reward model's folder/repository (ArmoRM does not need it)")
     max_length: int = arg(4096, "reward-model input: the chat template of [user, assistant], cut to its first this many tokens")
     batch_size: int = arg(8, "sequences per reward-model forward, grouped by length")
     block_size: int = arg(128, "prompts per block: the unit of sharding over processes and of resuming")
@@ -121,7 +126,7 @@ def check_reward(value, where):
 
 
 def function_rewards(fn, spec, rows, block):
-    """{index, rewards} for each row of the block, from the Python reward function."""
+    """{index, rewards, cut, dropped} for each row of the block, from the Python reward function (which fails loudly)."""
     out = []
     for i in block:
         rewards = []
@@ -131,31 +136,169 @@ def function_rewards(fn, spec, rows, block):
             except Exception as e:  # noqa: BLE001 — any failure is reported with its row
                 fail(f"--reward_fn {spec} raised on row {i}, response {j}: {type(e).__name__}: {e}")
             rewards.append(check_reward(value, f"--reward_fn {spec} on row {i}, response {j}"))
-        out.append(dict(index=i, rewards=rewards, cut=0))
+        out.append(dict(index=i, rewards=rewards, cut=0, dropped=None))
     return out
 
 
-def reward_of(output):
-    """ArmoRM's custom model returns `score` (one number per sequence); ordinary reward models return logits [B, 1]."""
+# ----------------------------------------------------------------------------- reward models
+
+ARMO_GATING_TEXT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"  # Llama-3: 128009, 128006, 78191, 128007, 271
+
+
+def is_armo(config):
+    return "LlamaForRewardModelWithGating" in (getattr(config, "architectures", None) or [])
+
+
+def last_occurrence(ids, pattern):
+    """Start of the last occurrence of the list `pattern` in the list `ids`, or None."""
+    n = len(pattern)
+    return next((j for j in range(len(ids) - n, -1, -1) if ids[j:j + n] == pattern), None)
+
+
+class ArmoRM(torch.nn.Module):
+    """RLHFlow/ArmoRM-Llama3-8B-v0.1 (Wang et al. 2024, "Interpretable Preferences via Multi-Objective Reward Modeling and
+    Mixture-of-Experts") computed from its weights: the same operations as LlamaForRewardModelWithGating.forward and
+    GatingNetwork in its modeling_custom.py, which is never run. For input_ids [B, T], right-padded with pad_token_id:
+
+        h        = the Llama backbone's final (normed) hidden states                         [B, T, hidden]
+        rewards  = h[reward position] @ regression_layer.weightᵀ                             [B, K] (K objectives, 19)
+        gate     = softmax(gating(h[gating position]) / gating_temperature) · logit_scale    [B, K]
+        score    = Σ_k gate · (rewards @ reward_transform_matrix)                            [B]
+
+    gating = Linear+ReLU × gating_n_hidden, then Linear to K. The reward position is the token before the first pad
+    (the last token without one); the gating position is the start of the last `gating_ids` (ARMO_GATING_TEXT, the end
+    of the last user turn; ValueError if absent). All in the backbone's dtype, as the original. Returns .score [B]."""
+
+    def __init__(self, backbone, gating_ids):
+        super().__init__()
+        config, dtype = backbone.config, backbone.dtype
+        k, width = getattr(config, "num_objectives", 19), getattr(config, "gating_hidden_dim", 1024)
+        dims = [config.hidden_size] + [width] * getattr(config, "gating_n_hidden", 3) + [k]
+        self.model, self.config, self.gating_ids = backbone, config, gating_ids
+        self.temperature = getattr(config, "gating_temperature", 10)
+        self.regression_layer = torch.nn.Linear(config.hidden_size, k, bias=False, dtype=dtype)
+        self.reward_transform_matrix = torch.nn.Parameter(torch.zeros(k, k, dtype=dtype), requires_grad=False)
+        self.gating = torch.nn.Module()  # the original's names: gating.layers.N.weight/bias, gating.logit_scale
+        self.gating.layers = torch.nn.ModuleList(torch.nn.Linear(a, b, dtype=dtype) for a, b in zip(dims, dims[1:]))
+        self.gating.logit_scale = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+
+    def forward(self, input_ids, attention_mask):
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        rows, pad = torch.arange(len(input_ids), device=h.device), self.config.pad_token_id
+        # the token before the first pad; argmax is 0 when there is none, and (0 - 1) % T is the last token
+        reward_at = ((input_ids == (-1 if pad is None else pad)).int().argmax(-1) - 1) % input_ids.shape[1]
+        gate_at = [last_occurrence(ids, self.gating_ids) for ids in input_ids.tolist()]
+        if None in gate_at:
+            raise ValueError(f"ArmoRM: no gating tokens {self.gating_ids} in sequence {gate_at.index(None)} of the batch")
+        rewards = self.regression_layer(h[rows, reward_at])
+        x = h[rows, torch.tensor(gate_at, device=h.device)]
+        for n, layer in enumerate(self.gating.layers):
+            x = layer(x) if n == len(self.gating.layers) - 1 else F.relu(layer(x))
+        gate = F.softmax(x / self.temperature, dim=1) * self.gating.logit_scale[0]
+        return SimpleNamespace(score=(gate * (rewards @ self.reward_transform_matrix)).sum(1), rewards=rewards, gate=gate)
+
+
+def load_armo(name, dtype, gating_ids):
+    """(ArmoRM, loading info as from_pretrained's): the backbone through transformers' LlamaModel (weights model.*), the
+    head's tensors from the checkpoint's safetensors, one file or the shards that model.safetensors.index.json lists (a
+    Hub id resolves to the files from_pretrained has just cached). Head parameters absent from the checkpoint or of
+    another shape are added to the info's missing/mismatched keys."""
+    from safetensors import safe_open
+    from transformers import LlamaModel
+    from transformers.utils import cached_file
+
+    class Backbone(LlamaModel):  # the head's tensors are read below: not "unexpected" in transformers' load report
+        _keys_to_ignore_on_load_unexpected = [r"^(regression_layer|reward_transform_matrix|gating)\b"]
+    backbone, info = Backbone.from_pretrained(name, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
+    index = cached_file(name, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    files = {f for k, f in json.load(open(index))["weight_map"].items() if not k.startswith("model.")} if index else {"model.safetensors"}
+    head = {}
+    for file in sorted(files):
+        with safe_open(cached_file(name, file), "pt") as f:
+            head.update({k: f.get_tensor(k) for k in f.keys() if not k.startswith("model.")})
+    model = ArmoRM(backbone, gating_ids)
+    wanted = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("model.")}
+    info["missing_keys"] |= wanted.keys() - head.keys()
+    info["mismatched_keys"] |= {(k, head[k].shape, s) for k, s in wanted.items() if k in head and head[k].shape != s}
+    model.load_state_dict({k: head[k] for k, s in wanted.items() if k in head and head[k].shape == s}, strict=False)
+    return model, info
+
+
+def transformers_class(model):
+    """True for transformers' own classes, which read the reward at the last token that is not the pad id (so a pad id
+    inside the text is harmless). ArmoRM, and maybe other models' own code, read it at the token before the first one."""
+    return type(model).__module__.startswith("transformers.")
+
+
+def load_reward_model(cfg, dtype, tokenizer):
+    """The reward model: ArmoRM natively unless --trust_remote_code, else AutoModelForSequenceClassification. Fails in
+    one line if it cannot be loaded, if any parameter was not in its checkpoint (it would be random), or if a
+    transformers classifier has more than one output."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    name = cfg.reward_model
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        if is_armo(config) and not cfg.trust_remote_code:
+            model, info = load_armo(name, dtype, tokenizer.encode(ARMO_GATING_TEXT, add_special_tokens=False))
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as e:  # noqa: BLE001 — no such folder or Hub id, no weights, offline, failing remote code: one line
+        fail(f"could not load the reward model {name!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    absent = sorted(info["missing_keys"]) + [f"{k} (checkpoint {list(a)}, model {list(b)})" for k, a, b in sorted(info["mismatched_keys"])]
+    if absent:
+        fail(f"reward model {name}: {', '.join(absent)} not in its checkpoint, where {type(model).__name__} expects them; "
+             f"refusing to score with random values in their place")
+    if transformers_class(model) and model.config.num_labels != 1:
+        fail(f"reward model {name}: {type(model).__name__} with {model.config.num_labels} outputs (num_labels); a reward model has 1")
+    return model
+
+
+def reward_of(output, n):
+    """[n] rewards from a forward's output: its `score` when it has one (ArmoRM), else its single logit per sequence."""
     score = getattr(output, "score", None)
-    return score if score is not None else output.logits[:, 0]
+    reward = score if score is not None else getattr(output, "logits", None)
+    if reward is not None and reward.dim() == 2 and reward.shape[1] == 1:
+        reward = reward[:, 0]
+    if reward is None or tuple(reward.shape) != (n,):
+        fail(f"the reward model's output has neither `score` nor one logit per sequence "
+             f"(got {None if reward is None else list(reward.shape)} for {n} sequences)")
+    return reward
+
+
+def unscorable(ids, model, gating_ids, max_length):
+    """Why the reward-model inputs of one prompt (token lists, before the cut) cannot be scored, or None."""
+    pad_id = model.config.pad_token_id
+    if pad_id is not None and not transformers_class(model) and any(pad_id in s[:max_length] for s in ids):
+        return "the text holds the reward model's pad token (the reward would be read before it)"
+    if gating_ids:
+        at = [last_occurrence(s, gating_ids) for s in ids]
+        if None in at:
+            return "no end of a user turn followed by the assistant header (ArmoRM's gating tokens)"
+        if max(at) + len(gating_ids) > max_length:
+            return "ArmoRM's gating tokens (end of the last user turn) cut off by --max_length"
+    return None
 
 
 @torch.no_grad()
 def model_rewards(model, tokenizer, rows, block, cfg, device):
-    """{index, rewards, cut} for each row of the block: every response scored with the reward model's chat template,
-    cut to the first max_length tokens (as the authors' truncation=True did), longest first in batches. Right padding
-    with config.pad_token_id: both ordinary reward models and ArmoRM read the reward at the last token before it."""
-    sequences, owner = [], []
+    """{index, rewards, cut, dropped} for each row of the block: every response scored with the reward model's chat
+    template, cut to the first max_length tokens (as the authors' truncation=True did), longest first in batches. Right
+    padding with config.pad_token_id. A row that cannot be scored gets rewards None and `dropped` = why."""
+    gating_ids = tokenizer.encode(ARMO_GATING_TEXT, add_special_tokens=False) if is_armo(model.config) else None
+    sequences, out = [], []
     for i in block:
         messages = chat_messages(rows[i]["prompt"])
-        for response in rows[i]["responses"]:
-            text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-            sequences.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-            owner.append(i)
-    cut = Counter(owner[s] for s, ids in enumerate(sequences) if len(ids) > cfg.max_length)
-    sequences = [ids[:cfg.max_length] for ids in sequences]
-    pad_id = getattr(model.config, "pad_token_id", None)
+        try:
+            ids = [tokenizer(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False),
+                             add_special_tokens=False)["input_ids"] for response in rows[i]["responses"]]
+            why = unscorable(ids, model, gating_ids, cfg.max_length)
+        except Exception as e:  # noqa: BLE001 — e.g. a template that refuses a system turn: this row only
+            why = f"the reward model's chat template raised {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+        out.append(dict(index=i, rewards=None, cut=0 if why else sum(len(s) > cfg.max_length for s in ids), dropped=why))
+        if not why:
+            sequences += [s[:cfg.max_length] for s in ids]
+    pad_id = model.config.pad_token_id
     batch_size = cfg.batch_size if pad_id is not None else 1  # without a pad id the model cannot find where a row ends
     order = sorted(range(len(sequences)), key=lambda s: -len(sequences[s]))
     rewards = [0.0] * len(sequences)
@@ -164,12 +307,14 @@ def model_rewards(model, tokenizer, rows, block, cfg, device):
         width = len(sequences[batch[0]])  # the longest: sorted
         input_ids = torch.tensor([sequences[s] + [pad_id] * (width - len(sequences[s])) for s in batch], device=device)
         attention_mask = torch.tensor([[1] * len(sequences[s]) + [0] * (width - len(sequences[s])) for s in batch], device=device)
-        for s, r in zip(batch, reward_of(model(input_ids=input_ids, attention_mask=attention_mask)).float().tolist()):
+        for s, r in zip(batch, reward_of(model(input_ids=input_ids, attention_mask=attention_mask), len(batch)).float().tolist()):
             rewards[s] = r
-    out, k = [], len(rows[block[0]]["responses"])
-    for n, i in enumerate(block):
-        out.append(dict(index=i, rewards=[check_reward(r, f"reward model on row {i}, response {j}")
-                                          for j, r in enumerate(rewards[n * k:(n + 1) * k])], cut=cut[i]))
+    n, k = 0, len(rows[block[0]]["responses"])
+    for row in out:  # the kept rows' sequences are consecutive, k per row, in block order
+        if not row["dropped"]:
+            row["rewards"] = [check_reward(r, f"reward model on row {row['index']}, response {j}")
+                              for j, r in enumerate(rewards[n:n + k])]
+            n += k
     return out, sum(map(len, sequences))
 
 
@@ -223,9 +368,7 @@ def main(cfg):
     def make_worker():
         if reward_fn:
             return (lambda b, block: (function_rewards(reward_fn, cfg.reward_fn, rows, block), len(block) * k)), None
-        from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model, dtype=dtype,
-                                                                   trust_remote_code=cfg.trust_remote_code).to(device).eval()
+        model = load_reward_model(cfg, dtype, tokenizer).to(device).eval()
         return (lambda b, block: model_rewards(model, tokenizer, rows, block, cfg, device)), files_fingerprint(cfg.reward_model)
 
     scored = run_blocks(blocks, shards, (settings, old), make_worker, rank, world_size, "responses" if reward_fn else "tokens")
@@ -234,6 +377,9 @@ def main(cfg):
         pairs, dropped = [], Counter()
         for i, row in enumerate(rows):
             rewards = scored[i]["rewards"]
+            if rewards is None:  # the reward model could not score this prompt
+                dropped[scored[i]["dropped"]] += 1
+                continue
             chosen, rejected, why = select_pair(rewards, row["responses"], row.get("truncated") or [], cfg.drop_truncated)
             if why:
                 dropped[why] += 1
@@ -252,7 +398,7 @@ def main(cfg):
                + "".join(f" | {n} {why}" for why, n in sorted(dropped.items())) + f" | {len(pairs)} pairs kept")
         if len(pairs) <= cfg.test_size:
             fail(f"{len(pairs)} pairs kept: " + (f"not enough for --test_size {cfg.test_size} and a train split" if pairs else "nothing to train on"))
-        print0(summary(pairs, [r for s in scored.values() for r in s["rewards"]]))
+        print0(summary(pairs, [r for s in scored.values() for r in s["rewards"] or []]))
         log, close = open_tracker(cfg.report_to, os.path.dirname(os.path.abspath(cfg.output)), os.path.basename(cfg.output), vars(cfg))
         log({"score/pairs": len(pairs), "score/prompts_dropped": sum(dropped.values()), "score/inputs_cut": cut,
              "score/chosen_reward_mean": float(np.mean([p["chosen_reward"] for p in pairs])),

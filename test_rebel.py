@@ -728,7 +728,10 @@ def test_select_pair_and_reward_of():
     assert score.select_pair([0.9, 0.5, 0.1], ["same", "b", "same"], [False] * 3, True)[2] == "chosen and rejected are the same text"
     armo = SimpleNamespace(score=torch.tensor([1.5, -2.0]), logits=torch.tensor([1.5, -2.0]))
     ordinary = SimpleNamespace(logits=torch.tensor([[0.5], [0.25]]))
-    assert score.reward_of(armo).tolist() == [1.5, -2.0] and score.reward_of(ordinary).tolist() == [0.5, 0.25]
+    assert score.reward_of(armo, 2).tolist() == [1.5, -2.0] and score.reward_of(ordinary, 2).tolist() == [0.5, 0.25]
+    for output in (SimpleNamespace(logits=torch.zeros(2, 2)), SimpleNamespace(score=torch.zeros(2, 19)), SimpleNamespace(hidden=1)):
+        with pytest.raises(SystemExit, match="neither `score` nor one logit per sequence"):
+            score.reward_of(output, 2)
 
 
 def generations(n, k=3, seed=0, long_every=0):
@@ -746,6 +749,7 @@ def generations(n, k=3, seed=0, long_every=0):
 def test_score_with_a_reward_model_matches_scoring_one_at_a_time(reward_model, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
     rows = generations(7, long_every=4)
+    rows[2]["responses"][1] += " <|end_of_text|> and"  # the pad token inside: transformers' classes read the last non-pad token
     data = write_jsonl(tmp_path / "gen.jsonl", rows)
     out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=reward_model, max_length=48))
     # the reference: each (prompt, response) alone, no padding, through the same chat template and cut
@@ -872,6 +876,179 @@ def test_score_two_processes_equal_one(reward_model, tmp_path):
     two = read_jsonl(str(tmp_path / "two.jsonl"))
     assert [{k: v for k, v in r.items() if "reward" not in k} for r in two] == [{k: v for k, v in r.items() if "reward" not in k} for r in one]
     assert [x for r in two for x in r["rewards"]] == pytest.approx([x for r in one for x in r["rewards"]], abs=1e-6)
+
+
+ARMO_HEADER = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"  # the end of a user turn, as ArmoRM's code looks for it
+
+
+def make_armo(path, drop=(), shards=1):
+    """A tiny checkpoint laid out as RLHFlow/ArmoRM-Llama3-8B-v0.1: its config fields (architectures, auto_map to its
+    remote class, num_objectives, gating_*), pad_token_id = a [PAD] token after the vocabulary, random weights named
+    model.* + regression_layer.weight [19, hidden] + reward_transform_matrix [19, 19] + gating.layers.N.weight/bias +
+    gating.logit_scale (minus `drop`), in 1 or 2 safetensors shards; and a modeling_custom.py that raises if imported."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaModel
+    tokenizer = make_tokenizer(path)
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForRewardModelWithGating"],
+                         auto_map={"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"},
+                         num_objectives=19, gating_temperature=2, gating_hidden_dim=16, gating_n_hidden=2)  # the real: 19, 10, 1024, 3
+    config.save_pretrained(path)
+    torch.manual_seed(2)
+    weights = {f"model.{k}": v for k, v in LlamaModel(config).state_dict().items()}
+    weights["regression_layer.weight"] = torch.randn(19, 64) / 8  # scores of order 1, as the real model's
+    weights["reward_transform_matrix"] = torch.randn(19, 19) / 19 ** 0.5  # not the identity: its orientation matters
+    dims = [64, 16, 16, 19]
+    for n in range(3):
+        weights[f"gating.layers.{n}.weight"] = torch.randn(dims[n + 1], dims[n]) / dims[n] ** 0.5
+        weights[f"gating.layers.{n}.bias"] = torch.randn(dims[n + 1])
+    weights["gating.logit_scale"] = torch.tensor([1.7])
+    weights = {k: v.contiguous() for k, v in weights.items() if k not in drop}
+    names = sorted(weights)  # two shards split in the middle: backbone and head tensors in both
+    files = [f"model-{n + 1:05d}-of-{shards:05d}.safetensors" for n in range(shards)] if shards > 1 else ["model.safetensors"]
+    weight_map = {k: files[n * shards // len(names)] for n, k in enumerate(names)}
+    for file in files:
+        save_file({k: weights[k] for k in names if weight_map[k] == file}, os.path.join(path, file), metadata={"format": "pt"})
+    if shards > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(v.numel() * 4 for v in weights.values())}, "weight_map": weight_map}, f)
+    with open(os.path.join(path, "modeling_custom.py"), "w") as f:
+        f.write("raise RuntimeError('the remote code of this checkpoint was run')\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def armo_model(tmp_path_factory):
+    return make_armo(str(tmp_path_factory.mktemp("armo_rm")), shards=2)
+
+
+def armo_by_hand(path, sequences, gate_on_first=False):
+    """ArmoRM's score of each token list, alone (no padding), from its description: plain torch on the checkpoint's
+    tensors after a LlamaModel forward. Reward at the last token; gate at the last (or first) user turn's end."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaModel
+    weights = {k: v for f in os.listdir(path) if f.endswith(".safetensors") for k, v in load_file(os.path.join(path, f)).items()}
+    config = json.load(open(os.path.join(path, "config.json")))
+    header = AutoTokenizer.from_pretrained(path).encode(ARMO_HEADER, add_special_tokens=False)
+    backbone = LlamaModel.from_pretrained(path).eval()
+    scores = []
+    for ids in sequences:
+        with torch.no_grad():
+            h = backbone(torch.tensor([ids])).last_hidden_state[0]
+        starts = [j for j in range(len(ids)) if ids[j:j + len(header)] == header]
+        rewards = weights["regression_layer.weight"] @ h[-1]
+        x = h[starts[0] if gate_on_first else starts[-1]]
+        for n in range(config["gating_n_hidden"] + 1):
+            x = weights[f"gating.layers.{n}.weight"] @ x + weights[f"gating.layers.{n}.bias"]
+            x = x.relu() if n < config["gating_n_hidden"] else x
+        gate = torch.softmax(x / config["gating_temperature"], 0) * weights["gating.logit_scale"][0]
+        scores.append(float(gate @ (rewards @ weights["reward_transform_matrix"])))
+    return scores
+
+
+def reward_inputs(path, rows):
+    tokenizer = rebel.load_tokenizer(path)
+    return [tokenizer(tokenizer.apply_chat_template(rebel.chat_messages(row["prompt"]) + [{"role": "assistant", "content": r}], tokenize=False),
+                      add_special_tokens=False)["input_ids"] for row in rows for r in row["responses"]]
+
+
+def multi_turn(rows):
+    """The same rows with two user turns before the last one (ArmoRM gates on the end of the last)."""
+    return [{**row, "prompt": [{"role": "user", "content": "why is the sky blue"}, {"role": "assistant", "content": "the sea"},
+                               {"role": "user", "content": row["prompt"]}]} if i % 2 else row for i, row in enumerate(rows)]
+
+
+def test_armo_is_scored_natively_as_its_definition_batched_and_alone(armo_model, tmp_path, capsys):
+    assert score.Config().trust_remote_code is False
+    rows = multi_turn(generations(7, seed=3))
+    data = write_jsonl(tmp_path / "gen.jsonl", rows)
+    out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=armo_model))  # batches of 4, padded with [PAD]
+    assert "dropped 0 of 7 prompts" in capsys.readouterr().out  # and modeling_custom.py, which raises, was never imported
+    expected = armo_by_hand(armo_model, reward_inputs(armo_model, rows))
+    got = [r for row in out for r in row["rewards"]]
+    print(f"ArmoRM native vs by hand, fp32: max abs difference {max(abs(a - b) for a, b in zip(got, expected)):.2e}, "
+          f"max |score| {max(map(abs, got)):.2f}")
+    assert got == pytest.approx(expected, abs=1e-5, rel=0)
+    assert len({round(r, 6) for r in got}) == len(got)  # rewards differ between responses: a wrong reading would show
+    for row in out:
+        assert row["chosen_reward"] == max(row["rewards"]) and row["rejected_reward"] == min(row["rewards"])
+    ones = read_jsonl(run_score(data, tmp_path / "ones.jsonl", reward_model=armo_model, batch_size=1))
+    assert [r for row in ones for r in row["rewards"]] == pytest.approx(got, abs=1e-5, rel=0)
+
+
+def test_armo_gates_on_the_last_user_turn(armo_model, tmp_path):
+    rows = multi_turn(generations(4, seed=4))[1::2]  # two prompts, each with three user turns
+    out = read_jsonl(run_score(write_jsonl(tmp_path / "gen.jsonl", rows), tmp_path / "pairs.jsonl", reward_model=armo_model))
+    inputs = reward_inputs(armo_model, rows)
+    got = [r for row in out for r in row["rewards"]]
+    assert got == pytest.approx(armo_by_hand(armo_model, inputs), abs=1e-5, rel=0)
+    on_first = armo_by_hand(armo_model, inputs, gate_on_first=True)
+    assert min(abs(a - b) for a, b in zip(got, on_first)) > 1e-4  # gating on the first user turn gives other scores
+
+
+def test_armo_runs_no_remote_code_unless_asked(armo_model, tmp_path, monkeypatch):
+    import transformers
+    import transformers.dynamic_module_utils
+    data = write_jsonl(tmp_path / "gen.jsonl", generations(3))
+    model = score.load_reward_model(score.Config(reward_model=armo_model), torch.float32, rebel.load_tokenizer(armo_model))
+    assert type(model) is score.ArmoRM and isinstance(model.model, transformers.LlamaModel)  # its backbone: transformers' own class
+    # asked for, the folder's modeling_custom.py runs (and raises): one line (its module copy goes to tmp_path, not ~/.cache)
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    with pytest.raises(SystemExit, match=r"^error: could not load the reward model .*RuntimeError: the remote code of this checkpoint was run$"):
+        run_score(data, tmp_path / "pairs.jsonl", reward_model=armo_model, trust_remote_code=True)
+
+
+def test_reward_models_with_random_or_missing_heads_are_refused(armo_model, tiny_model, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    no_head = make_armo(str(tmp_path / "no_head"), drop=("regression_layer.weight", "gating.layers.2.bias", "gating.logit_scale"))
+    two_labels = str(tmp_path / "two_labels")
+    shutil.copytree(tiny_model, two_labels)
+    config = LlamaConfig.from_pretrained(tiny_model, num_labels=2, pad_token_id=1)
+    LlamaForSequenceClassification(config).save_pretrained(two_labels)
+    resized = str(tmp_path / "resized")  # the config says a narrower gating network than the weights have
+    shutil.copytree(armo_model, resized)
+    with open(os.path.join(resized, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(resized, "config.json"), "w") as f:
+        json.dump({**config, "gating_hidden_dim": 8}, f)
+    no_weights = str(tmp_path / "no_weights")
+    shutil.copytree(armo_model, no_weights, ignore=shutil.ignore_patterns("*.safetensors*"))
+    data = write_jsonl(tmp_path / "gen.jsonl", generations(3))
+    cases = [(no_head, r"no_head: gating\.layers\.2\.bias, gating\.logit_scale, regression_layer\.weight not in its checkpoint, where ArmoRM expects them; refusing to score with random values"),
+             (resized, r"resized: gating\.layers\.0\.bias \(checkpoint \[16\], model \[8\]\), gating\.layers\.0\.weight \(checkpoint \[16, 64\], model \[8, 64\]\), .* not in its checkpoint"),
+             (tiny_model, r": score\.weight not in its checkpoint, where LlamaForSequenceClassification expects them"),  # a causal LM is no reward model
+             (two_labels, r"LlamaForSequenceClassification with 2 outputs \(num_labels\); a reward model has 1"),
+             (no_weights, r"could not load the reward model .*no_weights.*: OSError: .*no file named model\.safetensors")]
+    for n, (model, message) in enumerate(cases):
+        with pytest.raises(SystemExit, match=message) as failed:
+            run_score(data, tmp_path / f"out{n}.jsonl", reward_model=model)
+        assert "\n" not in str(failed.value)
+        assert not list(tmp_path.glob(f"out{n}.jsonl.shards/block_*"))  # nothing scored
+
+
+def test_armo_rows_that_cannot_be_scored_are_dropped_and_counted(armo_model, tmp_path, capsys):
+    rows = generations(6, seed=5)
+    rows[1]["prompt"] = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)  # cut before its end by --max_length
+    rows[3]["responses"][2] = "sky [PAD] blue"  # the pad token inside: ArmoRM reads the reward before the first pad
+    rows[4]["prompt"] = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sky"}]
+    folder = str(tmp_path / "armo_no_system")  # a template that raises on a system turn, as Gemma's does
+    shutil.copytree(armo_model, folder)
+    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+        f.write("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + LLAMA3_CHAT_TEMPLATE)
+    data = write_jsonl(tmp_path / "gen.jsonl", rows)
+    capsys.readouterr()
+    out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=folder, max_length=40, block_size=6))
+    printed = capsys.readouterr().out
+    assert ("dropped 3 of 6 prompts | 1 ArmoRM's gating tokens (end of the last user turn) cut off by --max_length | 1 the reward "
+            "model's chat template raised TemplateError: System role not supported | 1 the text holds the reward model's pad "
+            "token (the reward would be read before it) | 3 pairs kept") in printed
+    kept = [rows[i] for i in (0, 2, 5)]
+    assert [row["prompt"] for row in out] == [row["prompt"] for row in kept]
+    expected = armo_by_hand(armo_model, [ids[:40] for ids in reward_inputs(armo_model, kept)])
+    assert [r for row in out for r in row["rewards"]] == pytest.approx(expected, abs=1e-5, rel=0)
 
 
 @pytest.mark.skipif(not hasattr(rebel, "main"), reason="rebel.py's training entry point is not written yet")
