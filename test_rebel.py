@@ -6,6 +6,7 @@
 Every model here is a tiny Llama built from a config, with a byte-level BPE tokenizer trained offline and a
 Llama-3-style chat template, saved with save_pretrained so that the scripts' real from_pretrained path is used.
 """
+import dataclasses
 import json
 import math
 import os
@@ -496,6 +497,15 @@ def test_config_files_and_flags_give_the_same_run(tiny_model, tmp_path):
         rebel.main(rebel.parse_config(rebel.Config, argv + ["--output_dir", str(tmp_path / name), "--save_final", "false"]))
     strip = lambda name: [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in read_jsonl(tmp_path / name / "metrics.jsonl")]  # noqa: E731
     assert len(strip("flags")) == 4 and strip("yaml") == strip("flags")  # eval, update 1, update 2, eval
+
+
+def test_readme_yaml_is_the_papers_run(tmp_path):
+    """The README's YAML file for the paper's run parses, and holds the defaults (but for paths and the tracker)."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    (tmp_path / "run.yaml").write_text(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    cfg = rebel.parse_config(rebel.Config, [str(tmp_path / "run.yaml"), "--report_to", "none"])
+    assert dataclasses.replace(cfg, dataset=rebel.Config.dataset, output_dir=rebel.Config.output_dir) == rebel.Config()
+    assert cfg.eta == 1e6 and cfg.lr == 3e-7 and cfg.dataset == "runs/iter_1/pairs"
 
 
 def fake_trackers(monkeypatch):
