@@ -141,7 +141,7 @@ def check_config(cfg, **intervals):
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
         elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            fail(f"--{f.name} must be a {kind.__name__}, got {value!r}")
+            fail(f"--{f.name} must be {dict(int='an integer', float='a number', bool='true or false').get(kind.__name__, 'a string')}, got {value!r}")
     for name, interval in intervals.items():
         (low, high), value = map(float, interval[1:-1].split(",")), getattr(cfg, name)
         if not ((low < value if interval[0] == "(" else low <= value) and (value < high if interval[-1] == ")" else value <= high)):

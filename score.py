@@ -358,6 +358,7 @@ def main(cfg):
     blocks = [list(range(s, min(s + cfg.block_size, len(rows)))) for s in range(0, len(rows), cfg.block_size)]
     settings = dict(reward=cfg.reward_fn or cfg.reward_model, max_length=None if reward_fn else cfg.max_length,
                     dtype=None if reward_fn else cfg.dtype, block_size=cfg.block_size,
+                    trust_remote_code=None if reward_fn else cfg.trust_remote_code,
                     # a reward function's file is part of what the rewards depend on: an edited one is not mixed with the old
                     reward_fn_sha256=hashlib.sha256(open(cfg.reward_fn.rpartition(":")[0], "rb").read()).hexdigest()[:16] if reward_fn else None,
                     input_sha256=fingerprint([row["prompt"], row["responses"], row.get("response_ids")] for row in rows))

@@ -430,7 +430,7 @@ def test_bad_input_fails_clearly_before_loading_the_model(tiny_model, tmp_path, 
         (dict(beta1=1.5), r"--beta1 must be in \[0, 1\), got 1.5"),
         (dict(eval_micro_batch_size=0), r"--eval_micro_batch_size must be >= 1, got 0"),
         (dict(logprob_chunk=-1), r"--logprob_chunk must be >= 1, got -1"),
-        (dict(batch_size="8"), r"--batch_size must be a int, got '8'"),
+        (dict(batch_size="8"), r"--batch_size must be an integer, got '8'"),
         (dict(report_to="mlflow"), r"--report_to must be one of none, wandb, tensorboard, got 'mlflow'"),
         # files that gave tracebacks
         (dict(dataset=str(empty)), r"empty\.jsonl: the file is empty"),
