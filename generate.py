@@ -360,8 +360,7 @@ def main(cfg):
                        mean_response_tokens=float(np.mean([n for _, n in samples])), truncated=sum(t for t, _ in samples))
         print0(f"{len(rows)} prompts × {cfg.num_samples} responses -> {cfg.output} | mean response {summary['mean_response_tokens']:.0f} "
                f"tokens | {summary['truncated']} of {len(samples)} responses hit max_new_tokens={cfg.max_new_tokens}")
-        log, close = open_tracker(cfg.report_to, os.path.dirname(os.path.abspath(cfg.output)), os.path.basename(cfg.output),
-                                  dataclasses.asdict(cfg))
+        log, close = open_tracker(cfg.report_to, cfg.output + ".shards", os.path.basename(cfg.output), dataclasses.asdict(cfg))
         log({f"generate/{k}": v for k, v in summary.items()}, 0)
         close()
     dist.destroy_process_group()

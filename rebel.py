@@ -392,16 +392,17 @@ def files_fingerprint(path):
 def open_tracker(report_to, run_dir, name, config, resumed_at=None):
     """log(record, step) and close() for --report_to (HF Trainer's names), rank 0 only. wandb: one run per run_dir, its
     id kept in run_dir/wandb_run_id so that a resume continues it; TensorBoard: run_dir/tensorboard, where a resume
-    purges the events logged after its checkpoint, so that no step is there twice. The full config is logged once."""
+    purges the events logged after its checkpoint, so that no step is there twice. The full config is logged once.
+    `update` is the step, not a metric. (generate.py and score.py log their summaries in OUTPUT.shards/.)"""
     if report_to == "none" or dist.get_rank() != 0:
         return (lambda record, step: None), (lambda: None)
     if report_to == "wandb":
         import wandb
         id_path = os.path.join(run_dir, "wandb_run_id")
-        run_id = open(id_path).read().strip() if resumed_at is not None and os.path.exists(id_path) else wandb.util.generate_id()
-        atomic_write(id_path, run_id)
+        run_id = open(id_path).read().strip() if resumed_at is not None and os.path.exists(id_path) else None
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rebel"), id=run_id, resume="allow", name=name, dir=run_dir, config=config)
-        return (lambda record, step: run.log(record, step=step)), run.finish
+        atomic_write(id_path, run.id)
+        return (lambda record, step: run.log({k: v for k, v in record.items() if k != "update"}, step=step)), run.finish
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=None if resumed_at is None else resumed_at + 1)
     if resumed_at is None:
@@ -409,7 +410,7 @@ def open_tracker(report_to, run_dir, name, config, resumed_at=None):
 
     def log(record, step):
         for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "update":
                 writer.add_scalar(key, value, step)
         writer.flush()
     return log, writer.close

@@ -400,7 +400,7 @@ def main(cfg):
         if len(pairs) <= cfg.test_size:
             fail(f"{len(pairs)} pairs kept: " + (f"not enough for --test_size {cfg.test_size} and a train split" if pairs else "nothing to train on"))
         print0(summary(pairs, [r for s in scored.values() for r in s["rewards"] or []]))
-        log, close = open_tracker(cfg.report_to, os.path.dirname(os.path.abspath(cfg.output)), os.path.basename(cfg.output), vars(cfg))
+        log, close = open_tracker(cfg.report_to, cfg.output + ".shards", os.path.basename(cfg.output), vars(cfg))
         log({"score/pairs": len(pairs), "score/prompts_dropped": sum(dropped.values()), "score/inputs_cut": cut,
              "score/chosen_reward_mean": float(np.mean([p["chosen_reward"] for p in pairs])),
              "score/rejected_reward_mean": float(np.mean([p["rejected_reward"] for p in pairs]))}, 0)

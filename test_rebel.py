@@ -513,11 +513,10 @@ def fake_trackers(monkeypatch):
     from types import ModuleType
     calls = {"wandb_init": [], "wandb_log": [], "tb_init": [], "tb_scalars": [], "tb_text": []}
     wandb = ModuleType("wandb")
-    wandb.util = SimpleNamespace(generate_id=lambda: f"run{len(calls['wandb_init'])}")
 
-    def init(**kwargs):
+    def init(**kwargs):  # like wandb: a new id unless given one
         calls["wandb_init"].append(kwargs)
-        return SimpleNamespace(log=lambda record, step: calls["wandb_log"].append((dict(record), step)), finish=lambda: None)
+        return SimpleNamespace(id=kwargs["id"] or f"run{len(calls['wandb_init'])}", log=lambda record, step: calls["wandb_log"].append((dict(record), step)), finish=lambda: None)
     wandb.init = init
     tensorboard = ModuleType("torch.utils.tensorboard")
 
@@ -542,13 +541,14 @@ def test_report_to_wandb_and_tensorboard_log_every_record_and_continue_on_resume
         metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
         if tracker == "wandb":  # one run: the same id again on resume; every record under its metrics.jsonl names
             first, again = calls["wandb_init"]
-            assert first["id"] == again["id"] == open(os.path.join(out, "wandb_run_id")).read() and again["resume"] == "allow"
+            assert first["id"] is None and again["id"] == open(os.path.join(out, "wandb_run_id")).read() == "run1"
+            assert again["resume"] == "allow"
             assert first["config"]["eta"] == 1.0 and first["config"]["report_to"] == "wandb"
-            assert [(r, r["update"]) for r in metrics] == calls["wandb_log"]
+            assert [({k: v for k, v in r.items() if k != "update"}, r["update"]) for r in metrics] == calls["wandb_log"]
         else:  # the resume purges what was logged after its checkpoint, so no step is there twice
             assert calls["tb_init"] == [(os.path.join(out, "tensorboard"), None), (os.path.join(out, "tensorboard"), 3)]
             assert len(calls["tb_text"]) == 1 and '"eta": 1.0' in calls["tb_text"][0][1]
-            assert calls["tb_scalars"] == [(k, v, r["update"]) for r in metrics for k, v in r.items()]
+            assert calls["tb_scalars"] == [(k, v, r["update"]) for r in metrics for k, v in r.items() if k != "update"]
     # generate.py and score.py send their summaries
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
     gen(tiny_model, prompts, tmp_path / "gen.jsonl", report_to="wandb")
