@@ -643,7 +643,9 @@ def build_model(cfg, device, dtype):
     if head.bias is not None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         fail(f"{cfg.model}: its output head has a bias, logit soft-capping or scaling, which response_logprobs does not apply")
     if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # older transformers (5.17, on a current CUDA image) has only the older name; the first argument is the same
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     model.train()  # (activation checkpointing only acts in train mode)
     mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.get_decoder().layers:

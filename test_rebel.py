@@ -1714,10 +1714,573 @@ def print_table(rows):
         print(f"| {name:<44} | {base:>14} | {ours:>14} | {ratio:>6.2f} |")
 
 
+# ----------------------------------------------------------------------------- GPU check: python test_rebel.py gpu [folder]
+#
+# One prepared command for a machine with one CUDA GPU, no internet and nothing downloaded (GPU time is rare and short):
+# rebel.py end to end under torchrun (NCCL, bf16), bf16 against fp32 log-probs, training and reference-pass throughput
+# and MFU of a Llama-3.2-1B-shaped model, the 8B model on 8 GPUs predicted from a measured 8B slice, generation and
+# GSM8K speed. Sizes are parameters: test_gpu_check_smoke_on_cpu runs the same functions at tiny sizes, so the command
+# cannot rot. FOLDER gets gpu_check.json (rewritten after every section) and gpu_check.log; models and runs go to a
+# temporary folder (the team's device machine returns at most 8 files).
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+# Lengths (templated prompt, chosen, rejected; Llama-3 tokens, end-of-turn included) of 64 of the 805 AlpacaEval pairs
+# in ../shared/data/alpaca_eval (chosen: Meta-Llama-3-8B-Instruct's answer, rejected: REBEL-Llama-3-8B-Instruct-Armo's):
+# those at evenly spaced quantiles of 2·prompt + chosen + rejected, in seeded random order. Measured once with the real
+# Llama-3 tokenizer (its tiktoken ranks from meta-llama/llama-models, its split pattern and chat template): 927 tokens per
+# pair for these 64 as for all 805, longest response 1,669. GSM8K, likewise: 59 tokens per question, 100 per answer.
+ALPACA_EVAL_LENGTHS = [
+    (59, 490, 308), (43, 377, 431), (19, 437, 339), (19, 399, 558), (17, 450, 550), (17, 772, 809), (51, 391, 287),
+    (25, 537, 529), (84, 103, 145), (56, 542, 213), (23, 719, 929), (30, 108, 41), (22, 171, 52), (34, 164, 75),
+    (37, 474, 601), (26, 463, 672), (19, 299, 119), (39, 797, 698), (17, 59, 20), (36, 633, 689), (26, 74, 22),
+    (17, 486, 654), (27, 516, 566), (151, 167, 53), (17, 302, 222), (32, 323, 228), (34, 576, 577), (24, 298, 345),
+    (38, 1221, 831), (94, 142, 57), (58, 843, 935), (81, 538, 656), (53, 423, 524), (44, 562, 654), (32, 298, 368),
+    (23, 61, 133), (22, 436, 682), (19, 651, 633), (57, 115, 134), (16, 511, 549), (21, 432, 542), (63, 713, 670),
+    (18, 505, 560), (70, 73, 70), (28, 539, 603), (51, 323, 204), (20, 161, 138), (30, 742, 663), (25, 250, 187),
+    (18, 532, 499), (22, 299, 415), (17, 446, 457), (20, 31, 594), (65, 670, 539), (18, 539, 705), (28, 380, 402),
+    (18, 444, 480), (19, 447, 489), (26, 208, 324), (39, 45, 65), (29, 415, 379), (35, 653, 719), (39, 642, 520),
+    (46, 567, 596)]
+GSM8K_LENGTHS = (59, 100)
+LLAMA_3_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, tie_word_embeddings=True)  # Llama-3.2-1B
+LLAMA_3_8B = dict(LLAMA_3_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False)
+TINY = dict(vocab_size=1024, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+GPU_SIZES = dict(
+    budget=dict(setup=25, correctness=140, llama_1b=115, slice_8b=100, generation=70),  # seconds: 450 in all
+    small=dict(hidden=256, layers=4, heads=4, kv_heads=2), llama_1b=LLAMA_3_1B, llama_8b=LLAMA_3_8B, slice_layers=(2, 4),
+    pairs=64, length_scale=1.0, update_pairs=16, micro_batch_sizes=(1, 2, 4), eval_micro_batch_size=8, matmul=8192,
+    gen_prompts=16, gen_single=3, new_tokens=128, gsm8k_questions=32, gsm8k_new_tokens=256, torchrun=True)
+SMOKE_SIZES = dict(
+    GPU_SIZES, budget=dict(setup=60, correctness=120, llama_1b=60, slice_8b=60, generation=60), small=dict(hidden=32, layers=2),
+    llama_1b=dict(LLAMA_3_1B, **TINY, intermediate_size=64, num_hidden_layers=2),
+    llama_8b=dict(LLAMA_3_8B, **TINY, intermediate_size=112), slice_layers=(1, 2), pairs=8, length_scale=1 / 32,
+    update_pairs=4, micro_batch_sizes=(1, 2), eval_micro_batch_size=4, matmul=64, gen_prompts=2, gen_single=1, new_tokens=3,
+    gsm8k_questions=2, gsm8k_new_tokens=3, torchrun=False)
+# dense bf16 tensor-core FLOP/s from NVIDIA's datasheets (half their with-sparsity figures); the first name found counts
+SPEC_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12))
+PER_TOKEN_BF16 = 0.02  # nats: |log π bf16 − log π fp32| of a sequence may be at most this × its response tokens
+DRIFT = 0.02  # ‖w_a − w_b‖ / ‖w_a − w_start‖ allowed between two runs that should end with the same weights
+NCCL_BYTES_PER_S = 350e9  # assumed all-gather/reduce-scatter bus bandwidth of 8 × H100/H200 SXM (NVLink); not measured
+NO_DATASETS = ("`datasets` cannot be imported here ({}); rebel.py reads its data with it, so the section 'correctness' is "
+               "skipped.\n  Fix: on a machine with pip, `bash .ci/gpu fetch` downloads the wheels that this GPU image lacks "
+               "(datasets, dill, multiprocess; Python 3.12) into .whl/; carry .whl and run `bash .ci/gpu`, which installs them.")
+
+
+def measure(device, fn):
+    """(seconds, bytes allocated before, peak bytes allocated during, fn()), the GPU's queued work included; memory on GPU only."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    before, start = torch.cuda.memory_allocated(device) if cuda else 0, time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, before, torch.cuda.max_memory_allocated(device) if cuda else 0, result
+
+
+def say(ctx, text):
+    print(text, flush=True)
+    with open(ctx.log, "a") as f:
+        f.write(text + "\n")
+
+
+def row(ctx, measure, value, target="", ok=None, asserted=True):
+    """A line of the table: a check (asserted: a failure fails the command), a target (recorded only) or, ok=None, a measure."""
+    status = "" if ok is None else ("pass" if ok else "FAIL") if asserted else ("met" if ok else "missed")
+    ctx.report["table"].append(dict(section=ctx.section, measure=measure, value=value, target=target, status=status))
+    say(ctx, f"  {measure}: {value}" + "".join(f" | {x}" for x in (target, status) if x))
+
+
+def save(ctx):
+    rebel.atomic_write(ctx.json, json.dumps(ctx.report, indent=1))
+
+
+def run_section(ctx, name, fn):
+    """fn(ctx) within its time budget (an alarm ends it; subprocesses get the time left). A failure ends this section only."""
+    budget = ctx.sizes["budget"][name]
+    ctx.section, ctx.out, ctx.deadline = name, ctx.report["sections"].setdefault(name, {}), time.time() + budget
+    say(ctx, f"\n== {name} (budget {budget} s)")
+
+    def over_budget(*_):
+        raise TimeoutError(f"over its budget of {budget} s")
+    previous, start = signal.signal(signal.SIGALRM, over_budget), time.time()
+    signal.alarm(budget)
+    try:
+        fn(ctx)
+    except Exception as e:  # noqa: BLE001 — an out-of-memory, a crash or the budget: recorded, and the next section runs
+        say(ctx, traceback.format_exc(limit=-4))
+        row(ctx, "section ran to its end", ctx.out.setdefault("error", f"{type(e).__name__}: {e}"), ok=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        if rebel.dist.is_initialized():
+            rebel.dist.destroy_process_group()
+    ctx.out["seconds"] = round(time.time() - start, 1)
+    say(ctx, f"== {name}: {ctx.out['seconds']} s")
+    save(ctx)
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def launch(ctx, module, argv, name):
+    """A script's command line, within the section's time left: under torchrun (rebel.py) or python, in its own process
+    group, killed whole at the deadline; in the CPU smoke (torchrun=False), in this process. Returns (0 or why not, log)."""
+    log = os.path.join(ctx.scratch, f"{name}.log")
+    if not ctx.sizes["torchrun"]:
+        try:
+            run_stage(module, argv, log)
+            code = 0
+        except (Exception, SystemExit) as e:  # noqa: BLE001 — rebel.fail's SystemExit too
+            code = f"{type(e).__name__}: {e}"
+    else:
+        runner = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if module is rebel else []
+        env = dict(os.environ, **{"OMP_NUM_THREADS": "1"} if ctx.device.type == "cpu" else {})
+        with open(log, "w") as f:
+            process = subprocess.Popen([sys.executable, *runner, os.path.join(HERE, f"{module.__name__}.py"), *argv], cwd=HERE,
+                                       env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = process.wait(timeout=max(1.0, ctx.deadline - time.time() - 5))
+            except subprocess.TimeoutExpired:
+                code = "killed at the section's deadline"
+            finally:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+    if code != 0:
+        say(ctx, f"  {name}: {code}; the end of {log}:\n" + "".join(open(log, errors="replace").readlines()[-25:]))
+    return code, log
+
+
+def save_random_llama(ctx, name, shape):
+    """A random Llama-3-shaped checkpoint (bf16, as Meta ships them; Llama-3's rope θ and stop tokens), initialised on the
+    device (fast) and saved like a Hub checkpoint, so that it loads the real way. Its tokenizer is the test tokenizer
+    padded to the model's vocabulary by filler tokens that no merge makes: encoding is unchanged, and every id decodes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
+    path = os.path.join(ctx.scratch, name)
+    make_tokenizer(path)
+    spec = json.load(open(os.path.join(path, "tokenizer.json")))
+    ctx.base_vocab = len(spec["model"]["vocab"])
+    spec["model"]["vocab"].update({f"<filler_{i}>": i for i in range(ctx.base_vocab, shape["vocab_size"])})
+    json.dump(spec, open(os.path.join(path, "tokenizer.json"), "w"))
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    bos, end, eot = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(special)
+    config = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=bos, eos_token_id=[end, eot])
+    torch.manual_seed(0)
+    with torch.device(ctx.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(ctx.device)
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=[end, eot])
+    model.save_pretrained(path)
+    return path
+
+
+def random_pairs(ctx, lengths, vocab_size, seed=0):
+    """Pairs of random token ids with these (prompt, chosen, rejected) lengths × length_scale, and random rewards."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(5, vocab_size, (max(1, round(n * ctx.sizes["length_scale"])),), generator=g).tolist()
+    return [dict(index=i, prompt_ids=ids(p), chosen_ids=ids(c), rejected_ids=ids(r), chosen_reward=torch.rand(1, generator=g).item(),
+                 rejected_reward=torch.rand(1, generator=g).item()) for i, (p, c, r) in enumerate(lengths)]
+
+
+def layer_params(shape):
+    d, heads, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    return 2 * d * d + 2 * d * (d // heads * kv) + 3 * d * shape["intermediate_size"] + 2 * d  # q, o; k, v; MLP; norms
+
+
+def model_params(shape):
+    head = shape["vocab_size"] * shape["hidden_size"] * (1 if shape["tie_word_embeddings"] else 2)
+    return shape["num_hidden_layers"] * layer_params(shape) + head + shape["hidden_size"]
+
+
+def forward_flops(pairs, shape, head_only=False):
+    """Forward FLOPs of these pairs as rebel.py computes them: 2 per decoder-layer parameter and real token (padding is no
+    useful work), the lm_head at response tokens only (the chunked log-probs), causal attention (QKᵀ and A·V over the
+    T(T+1)/2 position pairs: 2·hidden·T(T+1) per layer). Backward costs twice the forward. head_only: the lm_head's."""
+    d, layers, total = shape["hidden_size"], shape["num_hidden_layers"] * (not head_only), 0
+    for p in pairs:
+        for response in (p["chosen_ids"], p["rejected_ids"]):
+            t = len(p["prompt_ids"]) + len(response)
+            total += 2 * layers * (layer_params(shape) * t + d * t * (t + 1)) + 2 * shape["vocab_size"] * d * len(response)
+    return total
+
+
+def build(cfg, device):
+    """rebel.py's model (fp32 master weights, FSDP, bf16 compute) and optimizer."""
+    model = rebel.build_model(cfg, device, torch.bfloat16)
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                    weight_decay=cfg.weight_decay)
+
+
+def set_checkpointing(model, on):
+    """Activation checkpointing on or off on a built model, under the name this transformers has."""
+    if on:
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)({"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    assert all(layer.gradient_checkpointing == on for layer in model.get_decoder().layers)
+
+
+def logprobs(ctx, model, group, cfg):
+    """rebel.py's log-probs of a micro-batch (model.response_logprobs, as build_model attaches it): chosen, then rejected."""
+    return model.response_logprobs(*rebel.to_device(rebel.collate(group, 0), ctx.device), cfg.temperature, cfg.logprob_chunk)
+
+
+def time_training(ctx, model, optimizer, pairs, micro_batch_size, cfg):
+    """rebel.main's update, timed: updates of update_pairs pairs (the paper's 128 per update over 8 GPUs = 16), sorted by
+    length into micro-batches; per micro-batch the log-probs, the loss and its backward; the gradient norm; AdamW. One
+    warm-up update first. Returns seconds (in all, in optimizer steps), updates and peak bytes allocated."""
+    size = ctx.sizes["update_pairs"]
+
+    def update(batch):
+        for group in rebel.micro_batches(batch, range(len(batch)), micro_batch_size):
+            logps = logprobs(ctx, model, group, cfg)
+            reward_c, reward_r = rebel.to_device([torch.tensor([[p["chosen_reward"], p["rejected_reward"]] for p in group],
+                                                               dtype=torch.float64)], ctx.device)[0].T
+            logp_c, logp_r = logps.double().view(2, len(group))
+            (rebel.rebel_loss(logp_c, logp_r, 0.0, 0.0, reward_c, reward_r, cfg.eta).sum() / size).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        step = measure(ctx.device, optimizer.step)[0]
+        optimizer.zero_grad(set_to_none=True)
+        return step
+    update(pairs[:size])
+    seconds, _, peak, in_steps = measure(ctx.device, lambda: sum(update(pairs[s:s + size]) for s in range(0, len(pairs), size)))
+    return dict(seconds=seconds, optimizer_seconds=in_steps, updates=math.ceil(len(pairs) / size), peak_bytes=peak)
+
+
+def time_reference(ctx, model, pairs, cfg):
+    """Seconds of rebel.py's reference pass over the pairs (all_logprobs: no grad, eval_micro_batch_size per forward)."""
+    rebel.all_logprobs(model, pairs[:ctx.sizes["update_pairs"]], cfg, 0, 1, ctx.device, 0, "warm-up")
+    return measure(ctx.device, lambda: rebel.all_logprobs(model, pairs, cfg, 0, 1, ctx.device, 0, "reference pass"))[0]
+
+
+def working_memory(ctx, model, group, cfg):
+    """Peak bytes above the resident state (fp32 weights, gradients, Adam moments) of one micro-batch's forward and
+    backward: activations, checkpoints, gathered bf16 weights, logit chunks. Measured on a second pass, when the gradients
+    exist, as from an update's second micro-batch on."""
+    def step():
+        logprobs(ctx, model, group, cfg).sum().backward()
+    step()
+    _, before, peak, _ = measure(ctx.device, step)
+    model.zero_grad(set_to_none=True)
+    return peak - before
+
+
+def gpu_setup(ctx):
+    import transformers
+    cuda, n = ctx.device.type == "cuda", ctx.sizes["matmul"]
+    props = torch.cuda.get_device_properties(ctx.device) if cuda else None
+    name = props.name if cuda else "cpu"
+    ctx.out.update(device=name, memory_gb=props.total_memory / 1e9 if cuda else None, datasets=None, torch=torch.__version__,
+                   cuda=torch.version.cuda, transformers=transformers.__version__, python=sys.version.split()[0],
+                   float32_matmul_precision=torch.get_float32_matmul_precision())
+    try:
+        import datasets
+        ctx.out["datasets"] = datasets.__version__
+    except Exception as e:  # noqa: BLE001 — missing, or a package it needs is missing or too old
+        say(ctx, NO_DATASETS.format(f"{type(e).__name__}: {e}"))
+    row(ctx, "machine", f"{name}{f', {props.total_memory / 1e9:.0f} GB' if cuda else ''}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, datasets {ctx.out['datasets']}")
+    a, b, c = (torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16) for _ in range(3))
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    ctx.peak = 10 * 2 * n ** 3 / measure(ctx.device, lambda: [torch.mm(a, b, out=c) for _ in range(10)])[0]
+    ctx.spec = next((flops for key, flops in SPEC_BF16_FLOPS if key in name), None)
+    ctx.out.update(peak_flops=ctx.peak, spec_flops=ctx.spec)
+    row(ctx, f"bf16 matmul peak ({n}×{n}×{n}, measured)", f"{ctx.peak / 1e12:.1f} TFLOP/s",
+        f"datasheet {ctx.spec / 1e12:.0f} TFLOP/s" if ctx.spec else "not in the datasheet table")
+
+
+def gpu_correctness(ctx):
+    """rebel.py end to end under torchrun (NCCL, --dtype auto: bf16 compute, fp32 master weights) on a small Llama."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if ctx.report["sections"]["setup"].get("datasets") is None:
+        return row(ctx, "rebel.py end to end", "not run: `datasets` is missing (see the setup section)", ok=False)
+    small = make_model(os.path.join(ctx.scratch, "small"), **ctx.sizes["small"])
+    data = write_pairs(os.path.join(ctx.scratch, "pairs.jsonl"), n=40)
+    settings = dict(TRAIN_SETTINGS, model=small, dataset=data, total_episodes=48, eta=1000.0, dtype="auto")
+    runs = dict(ac_on=dict(activation_checkpointing=True), ac_off=dict(activation_checkpointing=False),
+                stopped=dict(activation_checkpointing=True, stop_after=3), resumed=dict(activation_checkpointing=True, resume=True))
+    logs = {}
+    for name, extra in runs.items():
+        out = os.path.join(ctx.scratch, "stopped" if name == "resumed" else name)
+        argv = [x for k, v in dict(settings, output_dir=out, **extra).items() for x in (f"--{k}", str(v))]
+        code, logs[name] = launch(ctx, rebel, argv, name)
+        row(ctx, f"rebel.py, {name}: runs to its end", "yes" if code == 0 else str(code), ok=code == 0)
+        if code != 0:
+            return
+    dtype, header = rebel.compute_dtype("auto", ctx.device), open(logs["ac_on"]).read()
+    row(ctx, "--dtype auto computes in", f"{dtype} on {ctx.device.type}",
+        ok=f"device {ctx.device.type} | compute dtype {dtype}" in header)
+
+    # update 1: policy = reference, so loss = mean((η·Δr)²) up to the bf16 noise δ of the log-ratios (same weights, other
+    # batch shapes): |mean((δ − ηΔr)²) − mean((ηΔr)²)| ≤ 2·D·mean|ηΔr| + D², with |δ| ≤ D = PER_TOKEN_BF16 × response
+    # tokens
+    rows, seed = read_jsonl(data), torch.Generator().manual_seed(settings["seed"])
+    held = set(torch.randperm(len(rows), generator=seed)[:settings["eval_size"]].tolist())
+    train_rows = [r for i, r in enumerate(rows) if i not in held]  # as rebel.load_pairs holds out the eval rows
+    batch = [train_rows[i] for i in rebel.global_batch(len(train_rows), settings["batch_size"], 0, settings["seed"])]
+    gaps = torch.tensor([settings["eta"] * (r["chosen_reward"] - r["rejected_reward"]) for r in batch], dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(small)
+    tokens = max(sum(len(tokenizer(r[k], add_special_tokens=False)["input_ids"]) + 1 for k in ("chosen", "rejected")) for r in batch)
+    most, expected = PER_TOKEN_BF16 * tokens, gaps.pow(2).mean().item()
+    bound = 2 * most * gaps.abs().mean().item() + most ** 2
+    first = next(r for r in read_jsonl(os.path.join(ctx.scratch, "ac_on", "metrics.jsonl")) if "loss" in r)
+    row(ctx, "update-1 loss against mean((η·Δr)²)", f"relative error {abs(first['loss'] - expected) / expected:.2e}",
+        f"≤ {bound / expected:.2e} ({PER_TOKEN_BF16} nats × {tokens} tokens)", ok=abs(first["loss"] - expected) <= bound)
+
+    final = {name: os.path.join(ctx.scratch, "stopped" if name == "resumed" else name, "final") for name in runs}
+    reloaded = AutoModelForCausalLM.from_pretrained(final["ac_on"]).to(ctx.device)
+    with torch.no_grad():
+        finite = bool(torch.isfinite(reloaded(torch.arange(5, 37, device=ctx.device)[None]).logits).all())
+    row(ctx, "final/ reloads (from_pretrained, finite logits, the starting dtype)", str(reloaded.dtype),
+        ok=finite and reloaded.dtype == torch.float32)
+    weights = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in final.items()}
+    start = load_file(os.path.join(small, "model.safetensors"))
+    for b, what in (("ac_off", "activation checkpointing off vs on"), ("resumed", "--stop_after 3 + --resume vs uninterrupted")):
+        a = weights["ac_on"]
+        drift = (sum((a[k].double() - weights[b][k].double()).pow(2).sum() for k in start)
+                 / sum((a[k].double() - start[k].double()).pow(2).sum() for k in start)).sqrt().item()
+        same = sum((a[k] == weights[b][k]).sum().item() for k in start) / sum(t.numel() for t in start.values())
+        ctx.out[f"drift_{b}"] = drift
+        row(ctx, f"final weights, {what}", f"‖Δ‖ / ‖trained‖ = {drift:.1e}, {same:.1%} bit-identical", f"≤ {DRIFT}",
+            ok=drift <= DRIFT)
+    reused = "reference log-probs: reusing" in open(logs["resumed"]).read()
+    row(ctx, "the resumed run reused the cached reference log-probs", "yes" if reused else "no", ok=reused)
+
+
+def gpu_llama_1b(ctx):
+    """Llama-3.2-1B shape, random weights, AlpacaEval-length pairs: bf16 vs fp32 log-probs, reference pass, training step."""
+    from transformers import AutoModelForCausalLM
+    s, device, shape = ctx.sizes, ctx.device, ctx.sizes["llama_1b"]
+    ctx.llama_1b = folder = save_random_llama(ctx, "llama_1b", shape)
+    rebel.init_distributed()
+    cfg = dataclasses.replace(rebel.Config(), model=folder, eval_micro_batch_size=s["eval_micro_batch_size"])
+    pairs, size = random_pairs(ctx, ALPACA_EVAL_LENGTHS[:s["pairs"]], shape["vocab_size"]), s["update_pairs"]
+    tokens, flops = sum(map(rebel.pair_tokens, pairs)), forward_flops(pairs, shape)
+
+    # bf16 against fp32 log-probs, same weights and pairs. bf16 keeps 8 significant bits (relative rounding 2⁻⁹ ≈ 0.002),
+    # the residual stream picks up such an error at every layer and the logits are rounded to bf16 before the fp32
+    # log-softmax; the errors' signs vary, so a sequence's sum grows slower than its length. Measured on CPU (random
+    # Llama, 16 layers of width 1,024, vocabulary 128,256, AlpacaEval lengths): 2e-4 to 1.1e-3 nats per response token.
+    # PER_TOKEN_BF16 = 0.02 leaves ~20× for the GPU's kernels and twice the width, while a bug is beyond it: another
+    # temperature moves even this random model's log-probs by ~0.1-0.2 nats per token, a token too many or missing by ≈ ln V ≈ 12.
+    plain, fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device), {}
+    plain.response_logprobs = rebel.response_logprobs.__get__(plain)
+    with torch.no_grad():
+        for group in rebel.micro_batches(pairs, range(len(pairs)), cfg.eval_micro_batch_size):
+            fp32.update({p["index"]: pair for p, pair in zip(group, logprobs(ctx, plain, group, cfg).view(2, -1).T.tolist())})
+    del plain
+    gc.collect()  # (the method attached above makes a reference cycle): its memory must not count in the peaks below
+    model, optimizer = build(cfg, device)
+    bf16 = rebel.all_logprobs(model, pairs, cfg, 0, 1, device, 0, "bf16 log-probs")
+    diff = torch.tensor([abs(bf16[p["index"]][k] - fp32[p["index"]][k]) for p in pairs for k in (0, 1)], dtype=torch.float64)
+    per_token = diff / torch.tensor([len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")], dtype=torch.float64)
+    levels = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)
+    ctx.out.update(bf16_fp32_abs=diff.quantile(levels).tolist(), bf16_fp32_per_token=per_token.quantile(levels).tolist())
+    row(ctx, "bf16 − fp32 log-prob of a sequence, abs. p50/p90/p99/max", " / ".join(f"{v:.3g}" for v in ctx.out["bf16_fp32_abs"]),
+        "nats")
+    row(ctx, "  the same per response token", " / ".join(f"{v:.2g}" for v in ctx.out["bf16_fp32_per_token"]),
+        f"max ≤ {PER_TOKEN_BF16}", ok=per_token.max().item() <= PER_TOKEN_BF16)
+    row(ctx, "bf16 compute is on; master weights fp32", f"median difference {diff.median().item():.2g}", "> 1e-4; all parameters fp32",
+        ok=diff.median().item() > 1e-4 and all(p.dtype == torch.float32 for p in model.parameters()))
+
+    seconds = time_reference(ctx, model, pairs, cfg)
+    reference = ctx.out["reference_pairs_per_s"] = len(pairs) / seconds
+    row(ctx, f"reference pass (no grad, {cfg.eval_micro_batch_size} pairs per forward)",
+        f"{reference:.1f} pairs/s, {tokens / seconds:.0f} tokens/s, MFU {flops / seconds / ctx.peak:.0%}")
+    runs = ctx.out.setdefault("training", {})
+    for checkpointing in (True, False):
+        set_checkpointing(model, checkpointing)
+        for mb in s["micro_batch_sizes"]:
+            m = time_training(ctx, model, optimizer, pairs, mb, cfg)
+            # hardware FLOPs add the recomputed forwards: of the lm_head chunks always, of the decoder layers with checkpointing
+            hardware = 3 * flops + (flops if checkpointing else forward_flops(pairs, shape, head_only=True))
+            padded = sum(rebel.collate(g, 0)[0].numel() for k in range(0, len(pairs), size)
+                         for g in rebel.micro_batches(pairs[k:k + size], range(len(pairs[k:k + size])), mb))
+            seconds = m["seconds"]
+            r = runs[f"mb{mb}_ac_{'on' if checkpointing else 'off'}"] = dict(
+                m, pairs_per_s=len(pairs) / seconds, tokens_per_s=tokens / seconds, mfu=3 * flops / seconds / ctx.peak,
+                hardware_mfu=hardware / seconds / ctx.peak, padding=padded / tokens - 1)
+            row(ctx, f"training, micro-batch {mb}, checkpointing {'on' if checkpointing else 'off'}",
+                f"{r['pairs_per_s']:.2f} pairs/s, {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']:.0%} (hardware "
+                f"{r['hardware_mfu']:.0%}), peak {r['peak_bytes'] / 1e9:.1f} GB, padding +{r['padding']:.0%}")
+            save(ctx)
+    best = max(runs.values(), key=lambda r: r["mfu"])
+    row(ctx, "best training MFU (of the measured bf16 peak)", f"{best['mfu']:.0%}" + (f"; {best['mfu'] * ctx.peak / ctx.spec:.0%} "
+        "of the datasheet's" if ctx.spec else ""), "≥ 45%", ok=best["mfu"] >= 0.45, asserted=False)
+    default = runs[f"mb{cfg.micro_batch_size}_ac_on"]["pairs_per_s"]
+    row(ctx, "reference pass / training (rebel.py's defaults)", f"{reference / default:.1f}×", "≥ 3×", ok=reference >= 3 * default,
+        asserted=False)
+
+
+def gpu_slice_8b(ctx):
+    """A few Llama-3-8B layers (its width, heads and vocabulary), timed and measured at rebel.py's defaults (micro-batch 2,
+    checkpointing on) at two depths: per layer = the difference. The 8B model on 8 GPUs with FSDP is predicted from it."""
+    s, device, shape = ctx.sizes, ctx.device, ctx.sizes["llama_8b"]
+    rebel.init_distributed()
+    cfg, (lo, hi) = dataclasses.replace(rebel.Config(), eval_micro_batch_size=s["eval_micro_batch_size"]), sorted(s["slice_layers"])
+    pairs, size = random_pairs(ctx, ALPACA_EVAL_LENGTHS[:s["pairs"]], shape["vocab_size"]), s["update_pairs"]
+    longest = [(cfg.max_prompt_len, cfg.max_response_len, cfg.max_response_len)] * cfg.micro_batch_size
+    longest = random_pairs(ctx, longest, shape["vocab_size"])
+    measured = {}
+    for layers in (lo, hi):
+        folder = save_random_llama(ctx, f"slice_8b_{layers}_layers", dict(shape, num_hidden_layers=layers))
+        model, optimizer = build(dataclasses.replace(cfg, model=folder), device)
+        m = time_training(ctx, model, optimizer, pairs, cfg.micro_batch_size, cfg)
+        reference = time_reference(ctx, model, pairs, cfg)
+        typical = working_memory(ctx, model, rebel.micro_batches(pairs[:size], range(size), cfg.micro_batch_size)[0], cfg)
+        try:
+            worst = working_memory(ctx, model, longest, cfg)
+        except torch.cuda.OutOfMemoryError:
+            worst = None
+        optimizer_per_param = m["optimizer_seconds"] / m["updates"] / model_params(dict(shape, num_hidden_layers=layers))
+        measured[layers] = r = ctx.out[f"layers_{layers}"] = dict(
+            train=(m["seconds"] - m["optimizer_seconds"]) / len(pairs), reference=reference / len(pairs), typical=typical, worst=worst,
+            optimizer_per_param=optimizer_per_param, peak_bytes=m["peak_bytes"])
+        row(ctx, f"slice of {layers} layers: s per pair, training / reference pass", f"{r['train']:.4f} / {r['reference']:.4f}; working "
+            f"memory {typical / 1e9:.2f} GB, {'OOM' if worst is None else f'{worst / 1e9:.2f} GB'} at the longest pairs")
+        row(ctx, f"  no out-of-memory: micro-batch 2, checkpointing, prompt {cfg.max_prompt_len} + response {cfg.max_response_len}",
+            "OOM" if worst is None else "none", "no OOM", ok=worst is not None, asserted=False)
+        del model, optimizer
+        gc.collect()
+    # per GPU of 8 (FSDP): compute per pair = the rest + 32 layers; AdamW over 1/8 of the parameters; fp32 weights, gradients
+    # and both Adam moments sharded (16 bytes × 8.03e9 / 8); working memory = the rest + 32 layers' (activations saved by
+    # checkpointing, gathered weights, unsharded gradients before their reduce-scatter). Communication is not measured: the
+    # prediction assumes FSDP overlaps it with compute, which the last row compares at an assumed bandwidth.
+    gpus, n = 8, model_params(shape)
+    per_layer = {k: max(0.0, (measured[hi][k] - measured[lo][k]) / (hi - lo)) for k in ("train", "reference", "typical", "worst")
+                 if None not in (measured[lo][k], measured[hi][k])}
+    full = {k: measured[lo][k] + (shape["num_hidden_layers"] - lo) * per_layer[k] for k in per_layer}
+    train = gpus * size / (size * full["train"] + measured[hi]["optimizer_per_param"] * n / gpus)
+    reference, mfu = gpus / full["reference"], 3 * forward_flops(pairs, shape) / len(pairs) * train / gpus / ctx.peak
+    memory, longest_memory = 16 * n / gpus + full["typical"], 16 * n / gpus + full.get("worst", math.nan)
+    ctx.out["predicted_8b"] = dict(train_pairs_per_s=train, reference_pairs_per_s=reference, mfu=mfu, memory_bytes=memory,
+                                   longest_memory_bytes=longest_memory)
+    row(ctx, "8B on 8 GPUs, FSDP (extrapolated from the slice)", f"training {train:.1f} pairs/s (MFU {mfu:.0%}), reference "
+        f"{reference:.1f} pairs/s; 60,000 pairs: {60000 / train / 60:.0f} min + {60000 / reference / 60:.0f} min reference")
+    row(ctx, "  memory per GPU", f"{memory / 1e9:.1f} GB typical, {longest_memory / 1e9:.1f} GB at the longest pairs",
+        "≤ 80 GB (H100)", ok=longest_memory <= 80e9, asserted=False)
+    # per layer and micro-batch: bf16 weights all-gathered for the forward and again for the backward, fp32 gradients reduce-scattered
+    comm = (2 + 2 + 4) * layer_params(shape) * (gpus - 1) / gpus / NCCL_BYTES_PER_S
+    compute = per_layer["train"] * cfg.micro_batch_size
+    row(ctx, "  FSDP traffic per layer and micro-batch (not measured)", f"{comm * 1e3:.1f} ms at an assumed "
+        f"{NCCL_BYTES_PER_S / 1e9:.0f} GB/s vs {compute * 1e3:.1f} ms of compute", "less than compute (else the prediction is "
+        "optimistic)", ok=comm < compute, asserted=False)
+
+
+def gpu_generation(ctx):
+    """generate.py's hf_sample, batched against one prompt per call, and eval_gsm8k.py's command line, on the 1B model."""
+    from transformers import AutoModelForCausalLM
+    s, device = ctx.sizes, ctx.device
+    folder = ctx.llama_1b or save_random_llama(ctx, "llama_1b", s["llama_1b"])
+    tokenizer = rebel.load_tokenizer(folder, padding_side="left")  # as generate.py loads both
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=rebel.compute_dtype("auto", device)).to(device).eval()
+    settings, stop_ids = generate.Config(model=folder, max_new_tokens=s["new_tokens"]), generate.stop_token_ids(tokenizer, folder)
+    prompts = [p["prompt_ids"] for p in random_pairs(ctx, ALPACA_EVAL_LENGTHS[:s["gen_prompts"]], s["llama_1b"]["vocab_size"])]
+    generate.hf_sample(model, tokenizer, prompts[:1], dataclasses.replace(settings, max_new_tokens=2), stop_ids, 0)  # warm-up
+    rates = {}
+    for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:s["gen_single"]]])):
+        seconds, _, _, made = measure(device, lambda: sum(n for g in groups for samples in generate.hf_sample(
+            model, tokenizer, g, settings, stop_ids, 0) for _, _, n in samples))
+        rates[name] = ctx.out[f"hf_sample_{name}_tokens_per_s"] = made / seconds
+    row(ctx, f"generate.py hf_sample, {len(prompts)} prompts × {settings.num_samples} samples per call",
+        f"{rates['batched']:.0f} new tokens/s")
+    row(ctx, f"  one prompt × {settings.num_samples} samples per call",
+        f"{rates['one']:.0f} new tokens/s; batched {rates['batched'] / rates['one']:.1f}×")
+    model = None  # eval_gsm8k.py loads its own
+
+    # eval_gsm8k.py's command line on GSM8K-length questions of random text (a random model's speed does not depend on it):
+    # random merged tokens (not the 256 single bytes, whose random sequences are broken UTF-8 that re-encodes longer);
+    # their 5-shot prompts are ~940 tokens of this tokenizer, real GSM8K's ~870 of Llama-3's
+    g, n = random.Random(0), s["gsm8k_questions"]
+
+    def text(k):
+        merged = range(len(SPECIAL_TOKENS) + 256, ctx.base_vocab)
+        return tokenizer.decode([g.choice(merged) for _ in range(max(1, round(k * s["length_scale"])))])
+    docs = [dict(question=text(GSM8K_LENGTHS[0]), answer=text(GSM8K_LENGTHS[1]) + "\n#### 7") for _ in range(16 + n)]
+    data, out = os.path.join(ctx.scratch, "gsm8k"), os.path.join(ctx.scratch, "gsm8k_eval")
+    os.makedirs(data, exist_ok=True)
+    write_jsonl(os.path.join(data, "train.jsonl"), docs[:16])
+    write_jsonl(os.path.join(data, "test.jsonl"), docs[16:])
+    length = sum(map(len, eval_gsm8k.encode(tokenizer, eval_gsm8k.build_prompts(docs[16:], docs[:16])))) / n
+    code, _ = launch(ctx, eval_gsm8k, ["--model", folder, "--data", data, "--output", out, "--limit", str(n), "--batch_size",
+                                       str(n), "--max_new_tokens", str(s["gsm8k_new_tokens"])], "eval_gsm8k")
+    runtime = ctx.out["gsm8k"] = read_json(os.path.join(out, "summary.json"))["runtime"] if code == 0 else {}
+    row(ctx, f"eval_gsm8k.py --limit {n} --batch_size {n} (5-shot, {length:.0f} prompt tokens, {s['gsm8k_new_tokens']} new "
+        "tokens each)", f"{runtime['questions_per_s']:.2f} questions/s" if code == 0 else str(code), ok=code == 0)
+
+
+def run_gpu_check(folder, sizes, scratch=None):
+    """Every section in turn (each within its budget; a failure ends only its own), then the table. Returns the report."""
+    os.makedirs(folder, exist_ok=True)
+    own_scratch, start, threads = scratch is None, time.time(), torch.get_num_threads()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    ctx = SimpleNamespace(sizes=sizes, device=device, scratch=scratch or tempfile.mkdtemp(prefix="gpu_check_"), llama_1b=None,
+                          log=os.path.join(folder, "gpu_check.log"), json=os.path.join(folder, "gpu_check.json"),
+                          report=dict(sizes="gpu" if sizes is GPU_SIZES else "smoke", sections={}, table=[]))
+    open(ctx.log, "w").close()
+    if ctx.device.type == "cpu":  # the smoke's tiny work: on busy cores a second thread spins and makes it ~10× slower
+        torch.set_num_threads(1)
+    try:
+        for name, fn in (("setup", gpu_setup), ("correctness", gpu_correctness), ("llama_1b", gpu_llama_1b),
+                         ("slice_8b", gpu_slice_8b), ("generation", gpu_generation)):
+            run_section(ctx, name, fn)
+    finally:
+        torch.set_num_threads(threads)
+        if own_scratch:
+            shutil.rmtree(ctx.scratch, ignore_errors=True)
+    ctx.report.update(seconds=round(time.time() - start, 1), passed=all(r["status"] != "FAIL" for r in ctx.report["table"]))
+    save(ctx)
+    say(ctx, "\n| section | measure | value | target | status |\n|---|---|---|---|---|\n" + "\n".join(
+        f"| {r['section']} | {r['measure']} | {r['value']} | {r['target']} | {r['status']} |" for r in ctx.report["table"]))
+    passed = "all checks passed" if ctx.report["passed"] else "SOME CHECKS FAILED"
+    say(ctx, f"\n{passed} in {ctx.report['seconds']:.0f} s -> {ctx.json}")
+    return ctx.report
+
+
+def gpu_check(args):
+    """python test_rebel.py gpu [folder] [--smoke]: the GPU check (--smoke: at tiny sizes, on any machine). Exit status 0 if
+    every check passed (targets are only recorded)."""
+    folder = next((a for a in args if a != "--smoke"), "runs/gpu_check")
+    if "--smoke" not in args and not torch.cuda.is_available():
+        print("python test_rebel.py gpu: no CUDA GPU on this machine, so nothing was run. The test suite runs the same code at "
+              "tiny sizes (pytest -q test_rebel.py -k gpu_check), as does `python test_rebel.py gpu --smoke`.")
+        return 0
+    return 0 if run_gpu_check(folder, SMOKE_SIZES if "--smoke" in args else GPU_SIZES)["passed"] else 1
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path, capsys, monkeypatch):
+    """The GPU check's own functions at tiny sizes (bf16 where the GPU computes in bf16, in-process instead of torchrun),
+    so that the command cannot rot; without a GPU, the command itself says so and runs nothing."""
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        assert gpu_check([str(tmp_path / "none")]) == 0 and "no CUDA GPU" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "none")
+    report = run_gpu_check(str(tmp_path / "out"), SMOKE_SIZES, scratch=str(tmp_path / "scratch"))
+    assert read_json(tmp_path / "out" / "gpu_check.json") == json.loads(json.dumps(report))
+    assert [name for name, section in report["sections"].items() if "error" in section] == []
+    assert [r for r in report["table"] if r["status"] == "FAIL"] == [] and report["passed"]
+    assert {r["section"] for r in report["table"] if r["status"] == "pass"} == {"correctness", "llama_1b", "generation"}
+    assert len(report["sections"]["llama_1b"]["training"]) == 4 and "predicted_8b" in report["sections"]["slice_8b"]
+    assert "| section | measure |" in open(tmp_path / "out" / "gpu_check.log").read()
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["demo"]:  # python test_rebel.py demo [output folder]
         run_demo(*sys.argv[2:3])
     elif sys.argv[1:2] == ["memory_probe"]:
         memory_probe(*sys.argv[2:])
+    elif sys.argv[1:2] == ["gpu"]:  # python test_rebel.py gpu [output folder] [--smoke]
+        sys.exit(gpu_check(sys.argv[2:]))
     else:
-        sys.exit("usage: python test_rebel.py demo [output folder]   (the tests: pytest -q test_rebel.py)")
+        sys.exit("usage: python test_rebel.py demo [output folder] | gpu [output folder]   (the tests: pytest -q test_rebel.py)")
