@@ -1772,6 +1772,11 @@ NO_DATASETS = ("`datasets` cannot be imported here ({}); rebel.py reads its data
                "(datasets, dill, multiprocess; Python 3.12) into .whl/; carry .whl and run `bash .ci/gpu`, which installs them.")
 
 
+def gpu_run(device):
+    """rebel.Run of one process, pad id 0 (the random pairs never contain padding that counts)."""
+    return rebel.Run(rank=0, world_size=1, device=device, dtype=rebel.compute_dtype("auto", device), pad_id=0)
+
+
 def measure(device, fn):
     """(seconds, bytes allocated before, peak bytes allocated during, fn()), the GPU's queued work included; memory on GPU only."""
     cuda = device.type == "cuda"
@@ -1958,8 +1963,8 @@ def time_training(ctx, model, optimizer, pairs, micro_batch_size, cfg):
 
 def time_reference(ctx, model, pairs, cfg):
     """Seconds of rebel.py's reference pass over the pairs (all_logprobs: no grad, eval_micro_batch_size per forward)."""
-    rebel.all_logprobs(model, pairs[:ctx.sizes["update_pairs"]], cfg, 0, 1, ctx.device, 0, "warm-up")
-    return measure(ctx.device, lambda: rebel.all_logprobs(model, pairs, cfg, 0, 1, ctx.device, 0, "reference pass"))[0]
+    rebel.all_logprobs(model, pairs[:ctx.sizes["update_pairs"]], cfg, gpu_run(ctx.device), "warm-up")
+    return measure(ctx.device, lambda: rebel.all_logprobs(model, pairs, cfg, gpu_run(ctx.device), "reference pass"))[0]
 
 
 def working_memory(ctx, model, group, cfg):
@@ -2082,7 +2087,7 @@ def gpu_llama_1b(ctx):
     del plain
     gc.collect()  # (the method attached above makes a reference cycle): its memory must not count in the peaks below
     model, optimizer = build(cfg, device)
-    bf16 = rebel.all_logprobs(model, pairs, cfg, 0, 1, device, 0, "bf16 log-probs")
+    bf16 = rebel.all_logprobs(model, pairs, cfg, gpu_run(device), "bf16 log-probs")
     diff = torch.tensor([abs(bf16[p["index"]][k] - fp32[p["index"]][k]) for p in pairs for k in (0, 1)], dtype=torch.float64)
     per_token = diff / torch.tensor([len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")], dtype=torch.float64)
     levels = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)
@@ -2185,13 +2190,13 @@ def gpu_generation(ctx):
     folder = ctx.llama_1b or save_random_llama(ctx, "llama_1b", s["llama_1b"])
     tokenizer = rebel.load_tokenizer(folder, padding_side="left")  # as generate.py loads both
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=rebel.compute_dtype("auto", device)).to(device).eval()
-    settings, stop_ids = generate.Config(model=folder, max_new_tokens=s["new_tokens"]), generate.stop_token_ids(tokenizer, folder)
+    settings, stop_ids = generate.Config(model=folder, max_new_tokens=s["new_tokens"]), generate.stop_token_ids(tokenizer, folder, rebel.load_model_config(folder))
     prompts = [p["prompt_ids"] for p in random_pairs(ctx, ALPACA_EVAL_LENGTHS[:s["gen_prompts"]], s["llama_1b"]["vocab_size"])]
     generate.hf_sample(model, tokenizer, prompts[:1], dataclasses.replace(settings, max_new_tokens=2), stop_ids, 0)  # warm-up
     rates = {}
     for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:s["gen_single"]]])):
         seconds, _, _, made = measure(device, lambda: sum(n for g in groups for samples in generate.hf_sample(
-            model, tokenizer, g, settings, stop_ids, 0) for _, _, n in samples))
+            model, tokenizer, g, settings, stop_ids, 0) for _, _, n, _ in samples))
         rates[name] = ctx.out[f"hf_sample_{name}_tokens_per_s"] = made / seconds
     row(ctx, f"generate.py hf_sample, {len(prompts)} prompts × {settings.num_samples} samples per call",
         f"{rates['batched']:.0f} new tokens/s")
