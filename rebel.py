@@ -643,9 +643,8 @@ def build_model(cfg, device, dtype):
     if head.bias is not None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         fail(f"{cfg.model}: its output head has a bias, logit soft-capping or scaling, which response_logprobs does not apply")
     if cfg.activation_checkpointing:
-        # older transformers (5.17, on a current CUDA image) has only the older name; the first argument is the same
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+        # transformers < 5.23 only has the older name, gradient_checkpointing_enable (same arguments)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)({"use_reentrant": False})
     model.train()  # (activation checkpointing only acts in train mode)
     mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.get_decoder().layers:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
+SHARED_DATA = os.path.join(HERE, "..", "shared", "data")  # this project's GSM8K and AlpacaEval; else the tests download them
 sys.path.insert(0, HERE)
 
 import eval_gsm8k  # noqa: E402
@@ -1061,7 +1061,6 @@ def test_armo_rows_that_cannot_be_scored_are_dropped_and_counted(armo_model, tmp
     assert [r for row in out for r in row["rewards"]] == pytest.approx(expected, abs=1e-5, rel=0)
 
 
-@pytest.mark.skipif(not hasattr(rebel, "main"), reason="rebel.py's training entry point is not written yet")
 def test_generated_and_scored_pairs_train_with_rebel(tiny_model, tmp_path):
     fn = tmp_path / "rewards.py"
     fn.write_text("def length(prompt, response):\n    return len(response)\n")
@@ -1290,17 +1289,45 @@ def test_sampling_uses_exactly_the_flags_and_the_templates_end_of_turn(tmp_path,
 
 # ----------------------------------------------------------------------------- eval_gsm8k.py
 
-GSM8K = os.path.join(SHARED_DATA, "gsm8k")
-
-
 def read_json(path):
     with open(path) as f:
         return json.load(f)
 
 
+def no_data(reason):
+    """A test without its data is skipped, saying what to do; in CI (CI=true), where ../shared/data is expected, it
+    fails instead, so that the real data cannot silently stop being used."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"CI=true and {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir(tmp_path_factory):
+    """A folder with GSM8K's train.jsonl and test.jsonl, as eval_gsm8k.py --data takes it: ../shared/data/gsm8k, else
+    openai/gsm8k (config main) from the Hub or the HF cache, written out in the same order."""
+    shared = os.path.join(SHARED_DATA, "gsm8k")
+    if all(os.path.exists(os.path.join(shared, f"{split}.jsonl")) for split in ("train", "test")):
+        return shared
+    import datasets
+    from huggingface_hub import constants, dataset_info
+    try:  # look first, 5 s at most: load_dataset retries an unreachable Hub for ~25 s (HF_HUB_OFFLINE=1: the cache only)
+        if not constants.HF_HUB_OFFLINE:
+            dataset_info("openai/gsm8k", timeout=5)
+        hub = datasets.load_dataset("openai/gsm8k", "main")
+    except Exception as e:  # offline, unreachable or not cached: every way of not having the data
+        no_data(f"no ../shared/data/gsm8k and the Hub is unreachable ({type(e).__name__}: {' '.join(str(e).split())[:160]}): "
+                "connect to the Hub (openai/gsm8k is then cached), or set HF_HUB_OFFLINE=1 if it is in your HF cache, "
+                f"or put GSM8K's train.jsonl and test.jsonl in {os.path.normpath(shared)}")
+    folder = tmp_path_factory.mktemp("gsm8k")
+    for split in ("train", "test"):
+        write_jsonl(folder / f"{split}.jsonl", [{"question": r["question"], "answer": r["answer"]} for r in hub[split]])
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
-def gsm8k():
-    return read_jsonl(os.path.join(GSM8K, "train.jsonl")), read_jsonl(os.path.join(GSM8K, "test.jsonl"))
+def gsm8k(gsm8k_dir):
+    return read_jsonl(os.path.join(gsm8k_dir, "train.jsonl")), read_jsonl(os.path.join(gsm8k_dir, "test.jsonl"))
 
 
 def test_gsm8k_prompts_are_the_harness_prompts(gsm8k):
@@ -1390,16 +1417,16 @@ def test_gsm8k_early_stop_equals_full_generation_then_cut(tiny_model, gsm8k):
     assert max(map(len, early)) < max(map(len, full))  # it did stop early
 
 
-def run_eval(model, output, **overrides):
-    settings = dict(model=model, data=GSM8K, output=str(output), limit=8, num_fewshot=1, batch_size=3, max_new_tokens=12)
+def run_eval(model, data, output, **overrides):
+    settings = dict(model=model, data=data, output=str(output), limit=8, num_fewshot=1, batch_size=3, max_new_tokens=12)
     settings.update(overrides)
     eval_gsm8k.main(eval_gsm8k.Config(**settings))
     return read_json(os.path.join(output, "summary.json")), read_jsonl(os.path.join(output, "samples.jsonl"))
 
 
-def test_gsm8k_tiny_model_end_to_end_and_two_processes(tiny_model, gsm8k, tmp_path):
+def test_gsm8k_tiny_model_end_to_end_and_two_processes(tiny_model, gsm8k, gsm8k_dir, tmp_path):
     train, test = gsm8k
-    summary, records = run_eval(tiny_model, tmp_path / "one")
+    summary, records = run_eval(tiny_model, gsm8k_dir, tmp_path / "one")
     prompts = eval_gsm8k.build_prompts(test, train, num_fewshot=1)
     assert [r["index"] for r in records] == list(range(8))
     for r in records:
@@ -1414,11 +1441,11 @@ def test_gsm8k_tiny_model_end_to_end_and_two_processes(tiny_model, gsm8k, tmp_pa
         assert summary[name]["stderr"] == eval_gsm8k.mean_stderr(values)
     assert summary["questions"] == 8 and summary["settings"]["limit"] == 8 and summary["runtime"]["processes"] == 1
     # left padding is right: one question per batch generates the same text
-    assert run_eval(tiny_model, tmp_path / "unbatched", batch_size=1)[1] == records
+    assert run_eval(tiny_model, gsm8k_dir, tmp_path / "unbatched", batch_size=1)[1] == records
     # two processes (each a share of the batches) write the same records and results
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(HERE, "eval_gsm8k.py"), "--model", tiny_model, "--data", GSM8K, "--output", str(tmp_path / "two"),
+               os.path.join(HERE, "eval_gsm8k.py"), "--model", tiny_model, "--data", gsm8k_dir, "--output", str(tmp_path / "two"),
                "--limit", "8", "--num_fewshot", "1", "--batch_size", "3", "--max_new_tokens", "12"]
     subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=300)
     two = read_json(tmp_path / "two" / "summary.json")
@@ -1427,9 +1454,9 @@ def test_gsm8k_tiny_model_end_to_end_and_two_processes(tiny_model, gsm8k, tmp_pa
         k: v for k, v in summary.items() if k not in ("runtime", "settings")}
 
 
-def test_gsm8k_chat_template_wraps_the_whole_prompt(tiny_model, gsm8k, tmp_path):
+def test_gsm8k_chat_template_wraps_the_whole_prompt(tiny_model, gsm8k, gsm8k_dir, tmp_path):
     train, test = gsm8k
-    _, records = run_eval(tiny_model, tmp_path, limit=2, max_new_tokens=2, chat_template=True)
+    _, records = run_eval(tiny_model, gsm8k_dir, tmp_path, limit=2, max_new_tokens=2, chat_template=True)
     for r, prompt in zip(records, eval_gsm8k.build_prompts(test, train, num_fewshot=1)):
         assert r["prompt"] == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + prompt
                                + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -1453,7 +1480,7 @@ def test_gsm8k_bos_token_only_when_asked_and_never_twice(tiny_model):
         assert ids[0] == bos and ids.count(bos) == 1
 
 
-def test_gsm8k_bad_input_fails_clearly_before_loading_the_model(gsm8k, tmp_path):
+def test_gsm8k_bad_input_fails_clearly_before_loading_the_model(gsm8k, gsm8k_dir, tmp_path):
     not_a_model = tmp_path / "empty"  # a folder without a model: loading it would raise something else
     not_a_model.mkdir()
 
@@ -1479,10 +1506,10 @@ def test_gsm8k_bad_input_fails_clearly_before_loading_the_model(gsm8k, tmp_path)
     assert "test.jsonl line 2: not valid JSON" in error(data_folder("not_json", good[:1] + ["{oops"]))
     assert "line 1: the answer has no '#### '" in error(data_folder("no_hashes", ['{"question": "q", "answer": "18"}']))
     assert "--num_fewshot 11 is more than the 10 train questions" in error(data_folder("few", good), num_fewshot=11)
-    assert "--limit must be >= 0, got -1" in error(GSM8K, limit=-1)
-    assert "--batch_size must be >= 1, got 0" in error(GSM8K, batch_size=0)
+    assert "--limit must be >= 0, got -1" in error(gsm8k_dir, limit=-1)
+    assert "--batch_size must be >= 1, got 0" in error(gsm8k_dir, batch_size=0)
     assert "no such folder, and not a Hub id" in error(tmp_path / "missing")
-    assert "no such folder, and not a Hub id" in error(GSM8K, model=str(tmp_path / "no" / "model" / "here"))
+    assert "no such folder, and not a Hub id" in error(gsm8k_dir, model=str(tmp_path / "no" / "model" / "here"))
 
 
 # ----------------------------------------------------------------------------- the demo: python test_rebel.py demo
@@ -1571,13 +1598,35 @@ def test_demo_learns(tmp_path):
 # ----------------------------------------------------------------------------- benchmark: RUN_BENCH=1 pytest -k bench -s
 
 BENCH_MAX_PROMPT, BENCH_MAX_RESPONSE = 1024, 2048  # the authors' fixed maxima (the baseline pads every pair to them)
+# AlpacaEval's own copies of the two models' answers (the files in ../shared/data/alpaca_eval, byte for byte)
+ALPACA_EVAL_OUTPUTS = ("https://raw.githubusercontent.com/tatsu-lab/alpaca_eval/e0135ed026d772eed40e8d22e38975b0f00e1545/"
+                       "results/{}/model_outputs.json")
 
 
-def alpaca_pairs(tokenizer, seed=0):
+@pytest.fixture(scope="session")
+def alpaca_eval():
+    """AlpacaEval's 805 instructions with Meta-Llama-3-8B-Instruct's and REBEL-Llama-3-8B-Instruct-Armo's real answers
+    (`instruction`, `output`): ../shared/data/alpaca_eval, else the same files downloaded from the AlpacaEval repository."""
+    import urllib.request
+    outputs = []
+    for name in ("Meta-Llama-3-8B-Instruct", "REBEL-Llama-3-8B-Instruct-Armo"):
+        path = os.path.join(SHARED_DATA, "alpaca_eval", f"{name}.json")
+        if os.path.exists(path):
+            outputs.append(read_json(path))
+            continue
+        try:
+            with urllib.request.urlopen(ALPACA_EVAL_OUTPUTS.format(name), timeout=10) as f:
+                outputs.append(json.load(f))
+        except OSError as e:  # offline or unreachable (URLError, timeouts)
+            no_data(f"no ../shared/data/alpaca_eval and {ALPACA_EVAL_OUTPUTS.format(name)} is unreachable ({e}): connect to "
+                    f"the Internet, or save that file as {os.path.normpath(path)}")
+    return outputs
+
+
+def alpaca_pairs(alpaca_eval, tokenizer, seed=0):
     """Real lengths: AlpacaEval instructions, chosen = Llama-3-8B-Instruct's answer, rejected = REBEL's answer."""
     rng = random.Random(seed)
-    llama = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "Meta-Llama-3-8B-Instruct.json")))
-    rebel_answers = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "REBEL-Llama-3-8B-Instruct-Armo.json")))
+    llama, rebel_answers = alpaca_eval
     from datasets import Dataset
     rows = Dataset.from_list([dict(prompt=a["instruction"], chosen=a["output"], rejected=b["output"],
                                    chosen_reward=rng.random(), rejected_reward=rng.random()) for a, b in zip(llama, rebel_answers)])
@@ -1629,14 +1678,13 @@ def memory_probe(method, tokenizer_dir, pairs_file):
 
 
 @pytest.mark.skipif(os.environ.get("RUN_BENCH") != "1", reason="benchmark: RUN_BENCH=1 pytest test_rebel.py -k bench -s")
-def test_bench(tmp_path):
+def test_bench(tmp_path, alpaca_eval, gsm8k):
     import time
     torch.manual_seed(0)
-    llama = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "Meta-Llama-3-8B-Instruct.json")))
-    rebel_answers = json.load(open(os.path.join(SHARED_DATA, "alpaca_eval", "REBEL-Llama-3-8B-Instruct-Armo.json")))
+    llama, rebel_answers = alpaca_eval
     corpus = [a["instruction"] for a in llama] + [a["output"] for a in llama] + [b["output"] for b in rebel_answers]
     tokenizer = make_tokenizer(str(tmp_path / "tok"), vocab_size=32000, corpus=corpus)
-    pairs = alpaca_pairs(tokenizer)
+    pairs = alpaca_pairs(alpaca_eval, tokenizer)
     pad_id, cfg, rows = tokenizer.eos_token_id, rebel.Config(), []
     response_tokens = lambda ps: sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in ps)  # noqa: E731
     print(f"\n{len(pairs)} AlpacaEval pairs; mean tokens per pair (2 sequences) {sum(map(rebel.pair_tokens, pairs)) / len(pairs):.0f}")
@@ -1696,7 +1744,7 @@ def test_bench(tmp_path):
             tokens += sum(n for samples in generate.hf_sample(model, tokenizer, group, settings, stop_ids, 0) for _, _, n in samples)
         timed[name] = tokens / (time.time() - start)
     rows.append(("generate.py, 5 samples per prompt (new tokens/s)", f"{timed['one']:.0f}", f"{timed['batched']:.0f}", timed["batched"] / timed["one"]))
-    gsm8k_train, gsm8k_test = (read_jsonl(os.path.join(SHARED_DATA, "gsm8k", f"{s}.jsonl")) for s in ("train", "test"))
+    gsm8k_train, gsm8k_test = gsm8k
     prompts = [eval_gsm8k.encode(tokenizer, [p])[0] for p in eval_gsm8k.build_prompts(gsm8k_test[:16], gsm8k_train)]
     for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:4]])):  # answers run ~100-250 tokens
         start, count = time.time(), 0
