@@ -218,8 +218,9 @@ def load_armo(name, dtype, gating_ids):
             head.update({k: f.get_tensor(k) for k in f.keys() if not k.startswith("model.")})
     model = ArmoRM(backbone, gating_ids)
     wanted = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("model.")}
-    info["missing_keys"] |= wanted.keys() - head.keys()
-    info["mismatched_keys"] |= {(k, head[k].shape, s) for k, s in wanted.items() if k in head and head[k].shape != s}
+    # (sets in transformers 5, lists in 4)
+    info["missing_keys"] = set(info["missing_keys"]) | (wanted.keys() - head.keys())
+    info["mismatched_keys"] = set(info["mismatched_keys"]) | {(k, head[k].shape, s) for k, s in wanted.items() if k in head and head[k].shape != s}
     model.load_state_dict({k: head[k] for k, s in wanted.items() if k in head and head[k].shape == s}, strict=False)
     return model, info
 
