@@ -1127,8 +1127,10 @@ def test_bad_rows_are_dropped_and_counted_and_the_run_goes_on(tiny_model, tmp_pa
     rows[3]["prompt"] = []
     rows[5]["prompt"] = [{"role": "human", "content": "hi"}]
     rows[7]["prompt"] = rows[7]["prompt"] + [{"role": "assistant", "content": "ok"}]
+    rows = [dict(r, temperature=1.0) for r in rows]  # as generate.py writes it: sampled at 1.0, scored at 0.8
     out = train(tiny_model, write_jsonl(tmp_path / "p.jsonl", rows), tmp_path / "run", total_episodes=8, eval_size=0, save_final=False)
     printed = capsys.readouterr().out
+    assert "warning: the pairs were sampled at temperature 1.0, but the log-probs use --temperature 0.8" in printed
     assert "dropped 3 of 24 rows" in printed and "(first: row 3)" in printed and "(first: row 5)" in printed and "(first: row 7)" in printed
     assert sorted(r["index"] for r in read_jsonl(os.path.join(out, "ref_logprobs.jsonl"))) == [i for i in range(24) if i not in (3, 5, 7)]
     # generate.py: the same prompts are skipped and counted, and so are prompts over --max_prompt_len
