@@ -34,7 +34,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from rebel import arg, atomic_write, check_config, compute_dtype, fail, init_distributed, parse_config, print0
+from rebel import (arg, atomic_write, check_config, check_writable, compute_dtype, fail, init_distributed, load_model_config,
+                   load_pretrained, parse_config, print0)
 
 STOP = ("Question:", "</s>", "<|im_end|>")  # gsm8k.yaml `until`; the tokenizer's end token is appended at run time
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # strict-match filter, first match
@@ -78,7 +79,10 @@ def load_docs(source, split):
                     fail(f"{path} line {n}: not valid JSON ({e.msg})")
     elif source.count("/") == 1:
         import datasets
-        rows = [(f"{source} {split} row {i}", row) for i, row in enumerate(datasets.load_dataset(source, "main", split=split))]
+        try:
+            rows = [(f"{source} {split} row {i}", row) for i, row in enumerate(datasets.load_dataset(source, "main", split=split))]
+        except Exception as e:  # noqa: BLE001 — offline, no access, no such dataset: one line
+            fail(f"--data {source!r} could not be loaded: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     else:
         fail(f"--data {source!r}: no such folder, and not a Hub id (owner/name)")
     for where, row in rows:
@@ -193,10 +197,14 @@ def main(cfg):
     n = min(cfg.limit or len(test_docs), len(test_docs))
     # prompts for the whole test set, then the first n: --limit and the number of processes change none of them
     prompts = build_prompts(test_docs, train_docs, cfg.num_fewshot)[:n]
+    load_model_config(cfg.model)  # a folder without a config or weights fails here, in one line
+    if os.path.exists(output) and not os.path.isdir(output):
+        fail(f"--output {output} is a file, not a folder")
+    check_writable(output, "--output")
     rank, world_size, device = init_distributed()
     dtype = compute_dtype(cfg.dtype, device)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = load_pretrained(AutoTokenizer, cfg.model)
     if cfg.chat_template:
         if not tokenizer.chat_template:
             fail(f"--chat_template: the tokenizer of {cfg.model} has no chat template")
@@ -211,7 +219,7 @@ def main(cfg):
     order = sorted(range(n), key=lambda i: (-len(ids[i]), prompts[i]))
     batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)][rank::world_size]
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+    model = load_pretrained(AutoModelForCausalLM, cfg.model, dtype=dtype).to(device).eval()
     print0(f"processes {world_size} | device {device.type} | dtype {dtype} | questions {n} | shots {cfg.num_fewshot} | "
            f"chat template {cfg.chat_template} | mean prompt tokens {sum(map(len, ids)) / n:.0f}")
     start, records = time.time(), []

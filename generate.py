@@ -50,7 +50,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rebel import (BadRow, arg, atomic_write, check_config, check_writable, compute_dtype, count_dropped, end_of_turn, fail,
-                   files_fingerprint, from_rank0, init_distributed, load_model_config, load_split, load_tokenizer, open_tracker,
+                   files_fingerprint, from_rank0, init_distributed, load_model_config, load_pretrained, load_split, load_tokenizer, open_tracker,
                    parse_config, print0, prompt_tokens)
 
 
@@ -75,7 +75,7 @@ class Config:
 
     def __post_init__(self):
         check_config(self, num_samples="[1, inf)", temperature="(0, inf)", top_p="(0, 1]", max_new_tokens="[1, inf)",
-                     max_prompt_len="[1, inf)", seed="[0, inf)", limit="[0, inf)", batch_size="[1, inf)")
+                     max_prompt_len="[1, inf)", seed="[0, 4294967296)", limit="[0, inf)", batch_size="[1, inf)")
         check_output_path(self.output)
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             fail("--engine vllm: vLLM is not installed (pip install vllm), or use --engine hf")
@@ -207,7 +207,9 @@ def stop_token_ids(tokenizer, model, model_config):
     from transformers import GenerationConfig
     try:
         listed = [GenerationConfig.from_pretrained(model).eos_token_id, model_config.eos_token_id]
-    except OSError:  # no generation_config.json
+    except OSError as e:  # no generation_config.json is fine; a broken one is not
+        if os.path.isfile(os.path.join(model, "generation_config.json")):
+            fail(f"{model}/generation_config.json cannot be read: {str(e).splitlines()[0]}")
         listed = [model_config.eos_token_id]
     configured = {t for eos in listed for t in (eos if isinstance(eos, list) else [eos]) if t is not None}
     eot = end_of_turn(tokenizer)
@@ -333,10 +335,7 @@ def main(cfg):
                                                   [derive_seed(cfg.seed, i) for i in block])
         else:
             from transformers import AutoModelForCausalLM
-            try:
-                model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
-            except (OSError, ValueError) as e:
-                fail(f"could not load the model {cfg.model!r}: {str(e).splitlines()[0]}")
+            model = load_pretrained(AutoModelForCausalLM, cfg.model, dtype=dtype).to(device).eval()
             sample = lambda b, block: hf_sample(model, tokenizer, [tokens[i] for i in block], cfg, stop_ids,  # noqa: E731
                                                 derive_seed(cfg.seed, b))
 

@@ -88,7 +88,7 @@ class Config:
                      batch_size="[1, inf)", micro_batch_size="[1, inf)", eval_micro_batch_size="[1, inf)",
                      eval_size="[0, inf)", max_prompt_len="[1, inf)", max_response_len="[1, inf)",
                      max_grad_norm="[0, inf)", logprob_chunk="[1, inf)", eval_every="[0, inf)", save_every="[0, inf)",
-                     stop_after="[0, inf)")
+                     stop_after="[0, inf)", seed="[0, 4294967296)")
 
 
 # what a resumed run may not change: it would change the data, the reference or the optimisation already done
@@ -112,7 +112,10 @@ def parse_config(cls, argv=None):
     path = parser.parse_known_args(argv)[0].config
     if path:
         parser.set_defaults(**read_settings(path, cls))  # string values are parsed like flags: YAML's 3e-7 is a string
-    return parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[0]
+    cfg, *_, unknown = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+    return cfg
 
 
 def read_settings(path, cls):
@@ -359,6 +362,15 @@ def load_model_config(name):
         fail(f"could not load the config of model {name!r}: {str(e).splitlines()[0]}")
 
 
+def load_pretrained(cls, name, **kwargs):
+    """cls.from_pretrained(name, ...), and a one-line error for what cannot be loaded (no weights, a truncated or
+    corrupt file, no access, offline)."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except Exception as e:  # noqa: BLE001 — OSError, safetensors' errors, ...: all said in one line
+        fail(f"could not load the model {name!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+
+
 def compute_dtype(name, device):
     return (torch.bfloat16 if device.type == "cuda" else torch.float32) if name == "auto" else getattr(torch, name)
 
@@ -540,7 +552,7 @@ def load_pairs(cfg, tokenizer, vocab_size):
         print0(f"warning: the chat template of {cfg.model} writes no end-of-turn token after an assistant message: the "
                "end of a response is learned only where a stop token was sampled (never from text-only pairs)")
     if "temperature" in train_rows.column_names:
-        sampled_at = sorted(set(train_rows["temperature"]) - {cfg.temperature})
+        sampled_at = sorted({t for t in train_rows["temperature"] if isinstance(t, (int, float)) and t != cfg.temperature})
         if sampled_at:
             print0(f"warning: the pairs were sampled at temperature {', '.join(map(str, sampled_at))}, but the log-probs "
                    f"use --temperature {cfg.temperature}: REBEL's log-probs should use the sampling temperature")
@@ -629,7 +641,7 @@ def build_model(cfg, device, dtype):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if dist.get_rank() == 0:
-        loaded = AutoModelForCausalLM.from_pretrained(cfg.model, config=config, dtype=torch.float32)
+        loaded = load_pretrained(AutoModelForCausalLM, cfg.model, config=config, dtype=torch.float32)
         full = loaded.state_dict()
         buffers = {n: b for n, b in loaded.named_buffers() if n not in full}  # not in checkpoints, e.g. rotary inv_freq
         model.generation_config = loaded.generation_config  # Llama-3's two stop tokens, saved with the final model

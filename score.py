@@ -65,7 +65,7 @@ class Config:
     report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send the run's summary (counts, reward statistics) to this tracker")
 
     def __post_init__(self):
-        check_config(self, max_length="[1, inf)", batch_size="[1, inf)", block_size="[1, inf)", test_size="[0, inf)", seed="[0, inf)")
+        check_config(self, max_length="[1, inf)", batch_size="[1, inf)", block_size="[1, inf)", test_size="[0, inf)", seed="[0, 4294967296)")
         if self.test_size and self.output.endswith((".jsonl", ".parquet", ".json")):
             fail(f"--test_size writes a datasets folder with splits train_prefs and test_prefs: give --output a folder, not {self.output}")
         if not self.test_size:
@@ -113,7 +113,10 @@ def load_reward_fn(spec):
         fail(f"--reward_fn {spec}: no file {path}")
     module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 — a syntax error, a missing import, ...: one line naming the file
+        fail(f"--reward_fn {spec}: {path} could not be imported: {type(e).__name__}: {e}")
     if not callable(getattr(module, name, None)):
         fail(f"--reward_fn {spec}: {path} has no function {name!r}")
     return getattr(module, name)
@@ -345,6 +348,10 @@ def summary(pairs, all_rewards):
 
 def main(cfg):
     rank, world_size, device = init_distributed()
+    if cfg.test_size and os.path.exists(cfg.output) and not os.path.exists(os.path.join(cfg.output, "dataset_dict.json")):
+        fail(f"--output {cfg.output} exists and is not a datasets folder that score.py wrote: it would be replaced; choose another")
+    if not cfg.test_size and os.path.isdir(cfg.output):
+        fail(f"--output {cfg.output} is a folder, expected a file")
     check_writable(cfg.output + ".shards", "--output")
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     dtype = compute_dtype(cfg.dtype, device)

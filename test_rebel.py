@@ -1142,6 +1142,51 @@ def test_bad_rows_are_dropped_and_counted_and_the_run_goes_on(tiny_model, tmp_pa
     assert [r["prompt_id"] for r in kept] == [0, 1, 2, 4, 6, 8, 9]
 
 
+def test_broken_files_and_paths_fail_in_one_line(tiny_model, tmp_path, capsys):
+    """What a new user broke by hand (each gave a traceback, or worse, before): one line each, before the long work."""
+    truncated = str(tmp_path / "truncated")
+    shutil.copytree(tiny_model, truncated)
+    weights = os.path.join(truncated, "model.safetensors")
+    open(weights, "r+b").truncate(os.path.getsize(weights) // 2)
+    pairs, prompts = write_pairs(tmp_path / "p.jsonl", n=24), write_prompts(tmp_path / "prompts.jsonl", n=4)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine\n")
+    with pytest.raises(SystemExit, match=r"could not load the model .*truncated.*: SafetensorError"):
+        train(truncated, pairs, tmp_path / "run", total_episodes=8, eval_size=0)
+    with pytest.raises(SystemExit, match=r"could not load the model .*truncated.*: SafetensorError"):
+        gen(truncated, prompts, tmp_path / "gen.jsonl")
+    questions = tmp_path / "gsm8k"  # a few GSM8K-like questions: enough to reach the model
+    questions.mkdir()
+    for split in ("train", "test"):
+        write_jsonl(questions / f"{split}.jsonl", [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(3)])
+    with pytest.raises(SystemExit, match=r"could not load the model .*truncated.*: SafetensorError"):
+        run_eval(truncated, str(questions), tmp_path / "eval")
+    with pytest.raises(SystemExit, match=r"--output .*a_file is a file, not a folder"):
+        run_eval(tiny_model, str(questions), a_file)
+    broken = str(tmp_path / "broken_generation_config")
+    shutil.copytree(tiny_model, broken)
+    open(os.path.join(broken, "generation_config.json"), "w").write("{not json")
+    with pytest.raises(SystemExit, match=r"generation_config\.json cannot be read"):
+        gen(broken, prompts, tmp_path / "gen2.jsonl")
+    (tmp_path / "syntax.py").write_text("def f(prompt, response)\n    return 1.0\n")
+    generations_file = write_jsonl(tmp_path / "g.jsonl", generations(4))
+    with pytest.raises(SystemExit, match=r"--reward_fn .*syntax\.py:f: .*syntax\.py could not be imported: SyntaxError"):
+        run_score(generations_file, tmp_path / "s.jsonl", reward_fn=f"{tmp_path / 'syntax.py'}:f")
+    (tmp_path / "rewards.py").write_text(LENGTH_REWARD)
+    for output in (a_file, tmp_path):  # --test_size replaces the folder: never a file or a folder score.py did not write
+        with pytest.raises(SystemExit, match=r"exists and is not a datasets folder that score\.py wrote"):
+            run_score(generations_file, output, reward_fn=f"{tmp_path / 'rewards.py'}:length", test_size=1)
+    assert a_file.read_text() == "mine\n"
+    with pytest.raises(SystemExit) as done:
+        rebel.parse_config(rebel.Config, ["--etaa", "1"])
+    assert done.value.code == 2 and "unrecognized arguments: --etaa 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--seed must be in \[0, 4294967296\), got 1000000000000000000000"):
+        rebel.Config(seed=10 ** 21)
+    rows = [dict(r, temperature=None if i % 2 else 0.7) for i, r in enumerate(read_jsonl(pairs))]  # a column with gaps
+    train(tiny_model, write_jsonl(tmp_path / "t.jsonl", rows), tmp_path / "run_t", total_episodes=8, eval_size=0, save_final=False)
+    assert "sampled at temperature 0.7, but the log-probs use --temperature 0.8" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- the tokens sampled are the tokens trained, in every template family
 
 LENGTH_REWARD = "def length(prompt, response):\n    return float(len(response))\n"
