@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rebel import (BadRow, arg, atomic_write, check_config, check_writable, compute_dtype, count_dropped, end_of_turn, fail,
+from rebel import (BadRow, arg, atomic_write, check_config, check_prompt_column, check_writable, compute_dtype, count_dropped, end_of_turn, fail,
                    files_fingerprint, from_rank0, init_distributed, load_model_config, load_pretrained, load_split, load_tokenizer, open_tracker,
                    parse_config, print0, prompt_tokens)
 
@@ -106,7 +106,13 @@ def open_shards(output, settings):
     settings or input are refused here, before any model is loaded; run_blocks checks the model files."""
     shards, settings = output + ".shards", json.loads(json.dumps(settings))  # settings as they read back
     manifest = os.path.join(shards, "manifest.json")
-    old = json.load(open(manifest)) if os.path.exists(manifest) else None
+    try:
+        old = json.load(open(manifest)) if os.path.exists(manifest) else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        old = "unreadable"
+    if not isinstance(old, dict) and (old or glob.glob(os.path.join(shards, "block_*.jsonl"))):
+        fail(f"{shards} holds blocks but {'an unreadable' if old else 'no'} manifest.json saying what made them; "
+             f"delete {shards} or choose another --output to start afresh")
     if old is not None:
         changed = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(old.keys() | settings.keys())
                    if k != "model_files" and old.get(k) != settings.get(k)]
@@ -125,7 +131,7 @@ def read_block(path, block):
         return None, None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return None, f"an unreadable line ({e})"
-    if [row.get("index") for row in rows] != list(block):
+    if [row.get("index") if isinstance(row, dict) else None for row in rows] != list(block):
         return None, f"{len(rows)} rows, not the block's {len(block)} rows in order"
     return rows, None
 
@@ -155,8 +161,8 @@ def run_blocks(blocks, shards, manifest, make_worker, rank, world_size, rate_uni
     if todo:  # every process loads the model when any does (vLLM's data parallel needs all)
         work, model_files = make_worker()
         if old is not None and old.get("model_files") != model_files:
-            fail(f"{shards} holds blocks made with other model files than {settings['model']!r} has now; delete "
-                 f"{shards} or choose another --output to start afresh")
+            fail(f"{shards} holds blocks made with other model files than the model has now; delete {shards} or "
+                 "choose another --output to start afresh")
         if rank == 0:
             atomic_write(os.path.join(shards, "manifest.json"), json.dumps({**settings, "model_files": model_files}, indent=1))
     mine = todo[rank::world_size]
@@ -300,6 +306,7 @@ def main(cfg):
         fail(f"{cfg.prompts} has no split {cfg.split!r}")
     if cfg.prompt_column not in data.column_names:
         fail(f"{cfg.prompts}: missing column {cfg.prompt_column!r} (columns: {', '.join(data.column_names)})")
+    check_prompt_column(data, cfg.prompt_column, cfg.prompts)
     if cfg.limit:
         data = data.select(range(min(cfg.limit, len(data))))
     prompts = list(data[cfg.prompt_column])
@@ -320,7 +327,7 @@ def main(cfg):
     blocks = [[kept[j] for j in block] for block in make_blocks([len(tokens[i]) for i in kept], cfg.batch_size)]
     stop_ids = stop_token_ids(tokenizer, cfg.model, model_config)
     settings = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "report_to")},
-                "prompts_sha256": fingerprint([i, tokens[i]] for i in kept), "stop_ids": stop_ids}
+                "prompts_sha256": fingerprint([i, prompt_ids[i], tokens[i]] for i in kept), "stop_ids": stop_ids}
     shards, old = open_shards(cfg.output, settings)
     print0(f"{len(kept)} prompts × {cfg.num_samples} samples | {len(blocks)} blocks of {cfg.batch_size} prompts | "
            f"{world_size} processes | engine {cfg.engine} | device {device.type} | dtype {dtype}\n"

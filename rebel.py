@@ -221,6 +221,25 @@ def read_jsonl(path):
     return records, bad
 
 
+HELD_LOCKS = {}  # lock file -> its open handle, held until this process ends
+
+
+def lock_folder(folder):
+    """Take an exclusive lock on folder/.lock (POSIX flock) for the rest of this process; False when another process
+    holds it: two runs writing one folder would mix their checkpoints and metrics."""
+    import fcntl
+    path = os.path.realpath(os.path.join(folder, ".lock"))
+    if path not in HELD_LOCKS:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        HELD_LOCKS[path] = handle
+    return True
+
+
 def check_writable(folder, what):
     """Fail now, not after hours of work, if `folder` cannot be created or written."""
     try:
@@ -252,6 +271,8 @@ def load_split(source, split):
         if isinstance(data, datasets.Dataset):
             return data if split == "train" else None
         return data[split] if split in data else None
+    if source.endswith(tuple(kinds)):
+        fail(f"{source}: no such file")
     if not os.path.isdir(source) and source.count("/") != 1:
         fail(f"dataset {source!r}: no such file or folder, and not a Hub id (owner/name)")
     try:
@@ -279,6 +300,14 @@ def describe_bad_file(path):
         except json.JSONDecodeError as e:
             return f"line {n}: not valid JSON ({e.msg})"
     return None
+
+
+def check_prompt_column(data, column, where):
+    """Fail on a column that mixes strings and message lists: `datasets` then keeps it as JSON and decodes every string
+    that looks like JSON ('"hi"' becomes hi, '[{"role": ...}]' a conversation), so prompts would change silently."""
+    if type(data.features.get(column)).__name__ == "Json":
+        fail(f"{where}: column {column!r} mixes strings and lists, which datasets reads back as JSON (a string prompt that "
+             "looks like JSON would change): give every prompt as a string, or every prompt as a list of messages")
 
 
 class BadRow(ValueError):
@@ -446,7 +475,12 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, rank=0, world_size=1):
     cols = rows.column_names
     prompt, chosen, rejected, chosen_reward, rejected_reward = (pick_column(cols, names, where) for names in (
         ["prompt"], ["chosen"], ["rejected", "reject"], ["chosen_reward"], ["rejected_reward", "reject_reward"]))
-    sampled, eot = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(cols), end_of_turn(tokenizer)
+    id_columns = {"prompt_ids", "chosen_ids", "rejected_ids"} & set(cols)
+    if id_columns and len(id_columns) < 3:
+        fail(f"{where}: has {', '.join(sorted(id_columns))} but not all of prompt_ids, chosen_ids, rejected_ids: give the "
+             "three sampled-id columns, or none (the texts are then tokenised)")
+    check_prompt_column(rows, prompt, where)
+    sampled, eot = len(id_columns) == 3, end_of_turn(tokenizer)
     pairs, dropped, error = [], [], None
     for i in tqdm(range(rank, len(rows), world_size), desc=f"tokenize {where}", unit="pair", disable=rank != 0 or len(rows) < 1000):
         row = rows[i]
@@ -480,7 +514,7 @@ def sampled_ids(row, tokenizer, vocab_size):
     """(prompt ids, chosen ids, rejected ids) as sampled, checked: integers of the vocabulary, and prompt ids equal to
     this tokenizer's templated prompt (else the pair was sampled with another model). Raises BadRow."""
     ids = [row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]]
-    if not all(isinstance(x, list) and x and all(isinstance(t, int) and 0 <= t < vocab_size for t in x) for x in ids):
+    if not all(isinstance(x, list) and x and all(type(t) is int and 0 <= t < vocab_size for t in x) for x in ids):
         raise BadRow(f"prompt_ids, chosen_ids and rejected_ids must be non-empty lists of integers in [0, {vocab_size})")
     if prompt_tokens(tokenizer, row["prompt"])[1] != ids[0]:
         raise BadRow("prompt_ids are not this tokenizer's chat template of the prompt (sampled with another model?)")
@@ -747,9 +781,12 @@ def reference_logprobs(model, splits, cfg, run, model_files):
     path, meta_path = os.path.join(cfg.output_dir, "ref_logprobs.jsonl"), os.path.join(cfg.output_dir, "ref_logprobs.meta.json")
     key = hashlib.sha256(json.dumps([model_files, data_fingerprint(splits, rewards=False), cfg.temperature, str(run.dtype)]).encode()).hexdigest()
     ref = None
-    if run.rank == 0 and os.path.exists(meta_path) and read_jsonl(meta_path)[0][:1] == [{"fingerprint": key}]:
+    meta = read_jsonl(meta_path)[0][:1] if run.rank == 0 and os.path.exists(meta_path) and os.path.exists(path) else []
+    if meta and meta[0].get("fingerprint") == key:
+        with open(path, "rb") as f:
+            unchanged = hashlib.sha256(f.read()).hexdigest() == meta[0].get("sha256")
         ref = {split: {} for split in splits}
-        for row in read_jsonl(path)[0]:
+        for row in read_jsonl(path)[0] if unchanged else []:
             ref.get(row["split"], {})[row["index"]] = (row["chosen_logprob"], row["rejected_logprob"])
         if any(set(ref[s]) != {p["index"] for p in pairs} for s, pairs in splits.items()):
             print0(f"reference log-probs: {path} is incomplete or damaged; computing them again")
@@ -762,8 +799,9 @@ def reference_logprobs(model, splits, cfg, run, model_files):
     if run.rank == 0:
         rows = [dict(split=split, index=i, chosen_logprob=c, rejected_logprob=r)
                 for split in ref for i, (c, r) in sorted(ref[split].items())]
-        atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
-        atomic_write(meta_path, json.dumps(dict(fingerprint=key)) + "\n")
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        atomic_write(path, text)
+        atomic_write(meta_path, json.dumps(dict(fingerprint=key, sha256=hashlib.sha256(text.encode()).hexdigest())) + "\n")
     n = sum(len(p) for p in splits.values())
     print0(f"reference log-probs: {n} pairs in {time.time() - start:.1f}s ({n / (time.time() - start):.1f} pairs/s) -> {path}")
     return ref
@@ -834,7 +872,11 @@ def load_checkpoint(model, optimizer, path):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 — a damaged checkpoint: one line, and what to do
+        fail(f"{path} cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): delete it to start "
+             "afresh, or restore it")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
     torch.set_rng_state(rng["cpu"])
@@ -891,6 +933,8 @@ def main(cfg):
             dist.destroy_process_group()
             return
     check_writable(cfg.output_dir, "--output_dir")
+    if from_rank0(rank == 0 and not lock_folder(cfg.output_dir)):
+        fail(f"--output_dir {cfg.output_dir} is in use by another rebel.py run (it holds {cfg.output_dir}/.lock)")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
 
     # data: read, validate and tokenise everything before the model is loaded

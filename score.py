@@ -43,13 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from generate import check_output_path, fingerprint, open_shards, run_blocks, write_rows
-from rebel import (BadRow, arg, chat_messages, check_config, check_writable, compute_dtype, fail, files_fingerprint, init_distributed,
+from rebel import (BadRow, arg, chat_messages, check_config, check_prompt_column, check_writable, compute_dtype, fail, files_fingerprint, init_distributed,
                    load_split, load_tokenizer, open_tracker, parse_config, print0)
 
 
 @dataclass
 class Config:
-    input: str = arg("runs/generations.jsonl", "generate.py's output: Hub id, datasets folder, or .json/.jsonl/.parquet file")
+    input: str = arg("runs/generations.parquet", "generate.py's output: Hub id, datasets folder, or .json/.jsonl/.parquet file")
     split: str = arg("train", "split of --input to read")
     output: str = arg("runs/pairs.jsonl", "a .jsonl or .parquet file; with --test_size, a datasets folder (save_to_disk)")
     reward_model: str = arg("RLHFlow/ArmoRM-Llama3-8B-v0.1", "sequence-classification reward model or ArmoRM (Hub id or local folder)")
@@ -360,6 +360,8 @@ def main(cfg):
     data = load_split(cfg.input, cfg.split)
     if data is None:
         fail(f"{cfg.input} has no split {cfg.split!r}")
+    if "prompt" in data.column_names:
+        check_prompt_column(data, "prompt", cfg.input)
     rows = data.to_list()
     k = check_rows(rows, cfg.input, cfg.drop_truncated)
     tokenizer = None if reward_fn else load_tokenizer(cfg.reward_model)

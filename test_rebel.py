@@ -7,6 +7,7 @@ Every model here is a tiny Llama built from a config, with a byte-level BPE toke
 Llama-3-style chat template, saved with save_pretrained so that the scripts' real from_pretrained path is used.
 """
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -438,6 +439,11 @@ def test_bad_input_fails_clearly_before_loading_the_model(tiny_model, tmp_path, 
         (dict(output_dir=str(empty)), r"--output_dir .*empty\.jsonl is a file, not a folder"),
         (dict(output_dir=str(empty / "run")), r"--output_dir .*empty\.jsonl/run: cannot write there"),
         (dict(model=str(no_weights)), r"model folder .*no_weights has no weights"),
+        (dict(dataset=data("two_ids", [dict(r, chosen_ids=[5], rejected_ids=[6]) for r in good])),
+         r"two_ids\.parquet\[train\]: has chosen_ids, rejected_ids but not all of prompt_ids"),
+        (dict(dataset=write_jsonl(tmp_path / "mixed.jsonl", [dict(r, prompt=[{"role": "user", "content": "hi"}]) if i == 1 else r
+                                                              for i, r in enumerate(good)])), r"column 'prompt' mixes strings and lists"),
+        (dict(dataset="runs/no_such_pairs.jsonl"), r"runs/no_such_pairs\.jsonl: no such file"),
     ]
     os.makedirs(tmp_path / "earlier" / "checkpoints" / "update_000002")
     (tmp_path / "earlier" / "checkpoints" / "update_000002" / "train_state.json").write_text('{"update": 2}')
@@ -861,7 +867,7 @@ def test_score_bad_input_names_the_row(reward_model, tmp_path, monkeypatch):
          r"unequal\.jsonl row 3: 2 responses where row 0 has 3"),
         (dict(input=data("one", [{**r, "responses": ["a"], "truncated": [False]} for r in good])), r"1 response per prompt; a pair needs at least 2"),
         (dict(input=data("text_flags", [{**r, "truncated": ["no"] * 3} for r in good])), r"text_flags\.jsonl row 0: 'truncated' must be a list of 3 booleans"),
-        (dict(input=data("bad_role", [{**r, "prompt": [{"role": "human", "content": "hi"}]} if i == 1 else r for i, r in enumerate(good)])),
+        (dict(input=data("bad_role", [{**r, "prompt": [{"role": "human" if i == 1 else "user", "content": "hi"}]} for i, r in enumerate(good)])),
          r"bad_role\.jsonl row 1: each message must be"),
         (dict(input=write_jsonl(tmp_path / "no_rows.jsonl", [])), r"no_rows\.jsonl: the file is empty"),
         (dict(batch_size=0), r"--batch_size must be >= 1, got 0"),
@@ -966,9 +972,10 @@ def reward_inputs(path, rows):
 
 
 def multi_turn(rows):
-    """The same rows with two user turns before the last one (ArmoRM gates on the end of the last)."""
-    return [{**row, "prompt": [{"role": "user", "content": "why is the sky blue"}, {"role": "assistant", "content": "the sea"},
-                               {"role": "user", "content": row["prompt"]}]} if i % 2 else row for i, row in enumerate(rows)]
+    """The same rows as message lists, every other one with a user and an assistant turn before the last user turn
+    (ArmoRM gates on the end of the last)."""
+    return [{**row, "prompt": ([{"role": "user", "content": "why is the sky blue"}, {"role": "assistant", "content": "the sea"}]
+                               if i % 2 else []) + [{"role": "user", "content": row["prompt"]}]} for i, row in enumerate(rows)]
 
 
 def test_armo_is_scored_natively_as_its_definition_batched_and_alone(armo_model, tmp_path, capsys):
@@ -1043,6 +1050,7 @@ def test_armo_rows_that_cannot_be_scored_are_dropped_and_counted(armo_model, tmp
     rows = generations(6, seed=5)
     rows[1]["prompt"] = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)  # cut before its end by --max_length
     rows[3]["responses"][2] = "sky [PAD] blue"  # the pad token inside: ArmoRM reads the reward before the first pad
+    rows = [dict(row, prompt=[{"role": "user", "content": row["prompt"]}]) for row in rows]  # message lists, all of them
     rows[4]["prompt"] = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sky"}]
     folder = str(tmp_path / "armo_no_system")  # a template that raises on a system turn, as Gemma's does
     shutil.copytree(armo_model, folder)
@@ -1122,6 +1130,57 @@ def test_resumable_state_is_recognised_by_content_not_by_name(tiny_model, tmp_pa
         train(model, pairs, run, total_episodes=24, eval_size=0, resume=True)
 
 
+def test_damaged_missing_or_shared_state_is_refused_or_redone(tiny_model, tmp_path, reward_model, capsys):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=6)
+    out = gen(tiny_model, prompts, tmp_path / "gen.jsonl")
+    shards, rows = out + ".shards", read_jsonl(out)
+    open(os.path.join(shards, "block_000001.jsonl"), "w").write("null\n")  # parseable, but not a row
+    os.remove(out)
+    assert read_jsonl(gen(tiny_model, prompts, out)) == rows and "block_000001.jsonl is damaged" in capsys.readouterr().out
+    open(os.path.join(shards, "manifest.json"), "w").write('{"model": ')  # what made the blocks is no longer known
+    with pytest.raises(SystemExit, match=r"gen\.jsonl\.shards holds blocks but an unreadable manifest\.json"):
+        gen(tiny_model, prompts, out)
+    os.remove(os.path.join(shards, "manifest.json"))
+    with pytest.raises(SystemExit, match=r"gen\.jsonl\.shards holds blocks but no manifest\.json"):
+        gen(tiny_model, prompts, out)
+    # score.py: the reward model replaced at the same path
+    rm = str(tmp_path / "rm")
+    shutil.copytree(reward_model, rm)
+    data = write_jsonl(tmp_path / "g.jsonl", generations(6))
+    pairs = run_score(data, tmp_path / "pairs.jsonl", reward_model=rm)
+    os.remove(pairs)
+    os.remove(pairs + ".shards/block_000001.jsonl")
+    from transformers import AutoModelForSequenceClassification
+    other = AutoModelForSequenceClassification.from_pretrained(rm)
+    with torch.no_grad():
+        other.score.weight.mul_(-1)
+    other.save_pretrained(rm)
+    with pytest.raises(SystemExit, match=r"pairs\.jsonl\.shards holds blocks made with other model files than the model has now"):
+        run_score(data, pairs, reward_model=rm)
+    # rebel.py: an edited reference cache is computed again; a damaged checkpoint is one line; one folder, one run
+    data = write_pairs(tmp_path / "p.jsonl", n=24)
+    run = train(tiny_model, data, tmp_path / "run", total_episodes=24, eval_size=0, stop_after=1)
+    ref = read_jsonl(os.path.join(run, "ref_logprobs.jsonl"))
+    write_jsonl(os.path.join(run, "ref_logprobs.jsonl"), [dict(r, chosen_logprob=r["chosen_logprob"] + 5 * (i == 0)) for i, r in enumerate(ref)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"update_000001 cannot be read .*: delete it to start afresh"):
+        shard = next(f for f in glob.glob(os.path.join(run, "checkpoints", "update_000001", "*.distcp")))
+        open(shard, "r+b").truncate(os.path.getsize(shard) // 2)
+        train(tiny_model, data, run, total_episodes=24, eval_size=0, resume=True)
+    assert "ref_logprobs.jsonl is incomplete or damaged; computing them again" in capsys.readouterr().out
+    assert read_jsonl(os.path.join(run, "ref_logprobs.jsonl")) == ref
+    os.makedirs(tmp_path / "busy")  # another run holds the folder's lock
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path / "busy" / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=r"--output_dir .*busy is in use by another rebel\.py run"):
+            train(tiny_model, data, tmp_path / "busy", total_episodes=8, eval_size=0)
+    finally:
+        holder.kill()
+
+
 def test_bad_rows_are_dropped_and_counted_and_the_run_goes_on(tiny_model, tmp_path, capsys):
     rows = read_jsonl(write_pairs(tmp_path / "p.jsonl", n=24, message_prompts=True))
     rows[3]["prompt"] = []
@@ -1133,6 +1192,8 @@ def test_bad_rows_are_dropped_and_counted_and_the_run_goes_on(tiny_model, tmp_pa
     assert "warning: the pairs were sampled at temperature 1.0, but the log-probs use --temperature 0.8" in printed
     assert "dropped 3 of 24 rows" in printed and "(first: row 3)" in printed and "(first: row 5)" in printed and "(first: row 7)" in printed
     assert sorted(r["index"] for r in read_jsonl(os.path.join(out, "ref_logprobs.jsonl"))) == [i for i in range(24) if i not in (3, 5, 7)]
+    with pytest.raises(rebel.BadRow, match="must be non-empty lists of integers"):  # JSON true is not token 1
+        rebel.sampled_ids({"prompt": "hi", "prompt_ids": [True, 5], "chosen_ids": [5], "rejected_ids": [6]}, None, 100)
     # generate.py: the same prompts are skipped and counted, and so are prompts over --max_prompt_len
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows[:10]]
                           + [{"prompt": [{"role": "user", "content": " ".join(WORDS * 3)}]}])
@@ -1527,9 +1588,16 @@ def test_gsm8k_bos_token_only_when_asked_and_never_twice(tiny_model):
         assert ids[0] == bos and ids.count(bos) == 1
 
 
-def test_gsm8k_bad_input_fails_clearly_before_loading_the_model(gsm8k, gsm8k_dir, tmp_path):
+def test_gsm8k_bad_input_fails_clearly_before_loading_the_model(tmp_path):
+    """With GSM8K-like questions written here: it needs none of the real data, so it runs in any clone."""
     not_a_model = tmp_path / "empty"  # a folder without a model: loading it would raise something else
     not_a_model.mkdir()
+    docs = [{"question": f"Tom has {i} apples and buys 2 more. How many now?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
+            for i in range(10)]
+    gsm8k, gsm8k_dir = (docs, docs), tmp_path / "gsm8k"
+    gsm8k_dir.mkdir()
+    for split in ("train", "test"):
+        write_jsonl(gsm8k_dir / f"{split}.jsonl", docs)
 
     def error(data, **overrides):
         settings = dict(model=str(not_a_model), data=str(data), output=str(tmp_path / "out"))
@@ -1557,6 +1625,7 @@ def test_gsm8k_bad_input_fails_clearly_before_loading_the_model(gsm8k, gsm8k_dir
     assert "--batch_size must be >= 1, got 0" in error(gsm8k_dir, batch_size=0)
     assert "no such folder, and not a Hub id" in error(tmp_path / "missing")
     assert "no such folder, and not a Hub id" in error(gsm8k_dir, model=str(tmp_path / "no" / "model" / "here"))
+    assert "model folder" in error(gsm8k_dir) and "has no weights" in error(gsm8k_dir)  # checked before any process group
 
 
 # ----------------------------------------------------------------------------- the demo: python test_rebel.py demo
