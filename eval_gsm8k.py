@@ -35,7 +35,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from rebel import (arg, atomic_write, check_config, check_writable, compute_dtype, fail, init_distributed, load_model_config,
-                   load_pretrained, parse_config, print0)
+                   load_pretrained, print0, run_script)
 
 STOP = ("Question:", "</s>", "<|im_end|>")  # gsm8k.yaml `until`; the tokenizer's end token is appended at run time
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # strict-match filter, first match
@@ -260,4 +260,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_script(main, Config, "nothing was written; the same command starts again")

@@ -15,6 +15,7 @@ samples from Meta-Llama-3-8B-Instruct for each UltraFeedback prompt. Writes one 
     truncated      num_samples bools: true when the response hit max_new_tokens without a stop token
     num_tokens     num_samples ints: tokens sampled, the stop token included
     temperature, top_p   the sampling settings (rebel.py checks its --temperature against them)
+    chat_date      only where the chat template writes today's date: the one it wrote, when this output was begun
 
 score.py scores the responses and picks the pairs that rebel.py trains on, token for token.
 
@@ -35,6 +36,7 @@ rerun checks and skips saved blocks (a damaged one is redone; blocks made with o
 are refused), and the output is merged from the shards at the end. Delete OUTPUT.shards to sample afresh.
 """
 import dataclasses
+import datetime
 import glob
 import hashlib
 import importlib.util
@@ -51,7 +53,7 @@ from tqdm import tqdm
 
 from rebel import (BadRow, arg, atomic_write, check_config, check_prompt_column, check_writable, compute_dtype, count_dropped, end_of_turn, fail,
                    files_fingerprint, from_rank0, init_distributed, load_model_config, load_pretrained, load_split, load_tokenizer, open_tracker,
-                   parse_config, print0, prompt_tokens)
+                   STRFTIME_NOW, print0, prompt_tokens, run_script)
 
 
 @dataclass
@@ -101,9 +103,11 @@ def check_output_path(path):
         fail(f"--output {path}: expected a .jsonl or .parquet file")
 
 
-def open_shards(output, settings):
+def open_shards(output, settings, paths=()):
     """OUTPUT.shards/ and its manifest of what the blocks depend on (None for a new folder). Blocks made with other
-    settings or input are refused here, before any model is loaded; run_blocks checks the model files."""
+    settings or input are refused here, before any model is loaded; run_blocks checks the model files. `paths` are
+    settings kept for the record but not compared: what they name is compared by content (so a resume may name the
+    same files by another path, e.g. from another working directory)."""
     shards, settings = output + ".shards", json.loads(json.dumps(settings))  # settings as they read back
     manifest = os.path.join(shards, "manifest.json")
     try:
@@ -115,32 +119,44 @@ def open_shards(output, settings):
              f"delete {shards} or choose another --output to start afresh")
     if old is not None:
         changed = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(old.keys() | settings.keys())
-                   if k != "model_files" and old.get(k) != settings.get(k)]
+                   if k != "model_files" and k not in paths and old.get(k) != settings.get(k)]
         if changed:
             fail(f"{shards} holds blocks made with other settings ({'; '.join(changed)}); rerun with those settings "
                  f"to resume, or delete {shards} or choose another --output to start afresh")
     return shards, old
 
 
+def block_text(rows):
+    """A block's file: its rows as JSON lines, then a line with their sha256, so that damage is seen, not merged."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    return text + json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest()}) + "\n"
+
+
 def read_block(path, block):
     """The rows of a saved block, or None with why when it is missing or damaged (a bad disk, a bad copy)."""
     try:
-        with open(path) as f:
-            rows = [json.loads(line) for line in f]
+        with open(path, "rb") as f:
+            data = f.read()
+        text, _, last = data.rstrip(b"\n").rpartition(b"\n")
+        text += b"\n" if text else b""
+        if json.loads(last or b"{}").get("sha256") != hashlib.sha256(text).hexdigest():
+            return None, "its checksum does not match its rows"
+        rows = [json.loads(line) for line in text.decode().splitlines()]
     except FileNotFoundError:
         return None, None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         return None, f"an unreadable line ({e})"
     if [row.get("index") if isinstance(row, dict) else None for row in rows] != list(block):
         return None, f"{len(rows)} rows, not the block's {len(block)} rows in order"
     return rows, None
 
 
-def run_blocks(blocks, shards, manifest, make_worker, rank, world_size, rate_unit):
+def run_blocks(blocks, shards, manifest, make_worker, model, rank, world_size, rate_unit):
     """Do the blocks not yet saved in `shards`, dealt round-robin over the processes (so they finish within about a
     block of each other), each saved atomically when done. A saved block that is damaged is named and done again.
     make_worker() loads the model and returns (work, model fingerprint) with work(block_index, rows) -> (shard rows,
-    count for the rate shown); the manifest is written, or its model fingerprint checked, once the model has loaded.
+    count for the rate shown); the manifest is written, or its model fingerprint checked, once the model has loaded
+    (with nothing left to do, the files of `model`, a path or None, are checked without loading it).
     Returns all blocks' rows, in block order, on rank 0."""
     settings, old = manifest
     path = lambda b: os.path.join(shards, f"block_{b:06d}.jsonl")  # noqa: E731
@@ -160,18 +176,20 @@ def run_blocks(blocks, shards, manifest, make_worker, rank, world_size, rate_uni
     work = None
     if todo:  # every process loads the model when any does (vLLM's data parallel needs all)
         work, model_files = make_worker()
-        if old is not None and old.get("model_files") != model_files:
-            fail(f"{shards} holds blocks made with other model files than the model has now; delete {shards} or "
-                 "choose another --output to start afresh")
-        if rank == 0:
-            atomic_write(os.path.join(shards, "manifest.json"), json.dumps({**settings, "model_files": model_files}, indent=1))
+    else:  # a Hub model that is not in this machine's cache ("hub:...") cannot be checked without fetching it
+        model_files = from_rank0(files_fingerprint(model) if rank == 0 and model else None)
+    if old is not None and old.get("model_files") != model_files and not (not todo and str(model_files).startswith("hub:")):
+        fail(f"{shards} holds blocks made with other model files than the model has now; delete {shards} or "
+             "choose another --output to start afresh")
+    if todo and rank == 0:
+        atomic_write(os.path.join(shards, "manifest.json"), json.dumps({**settings, "model_files": model_files}, indent=1))
     mine = todo[rank::world_size]
     bar = tqdm(total=sum(len(blocks[b]) for b in mine), unit="prompt", disable=rank != 0 or not mine,
                desc="prompts" if world_size == 1 else f"prompts (process 0 of {world_size})")
     start, count = time.time(), 0
     for b in mine:
         rows, n = work(b, blocks[b])
-        atomic_write(path(b), "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write(path(b), block_text(rows))
         count += n
         bar.update(len(blocks[b]))
         bar.set_postfix_str(f"{count / (time.time() - start):.0f} {rate_unit}/s")
@@ -194,7 +212,8 @@ def write_rows(path, rows):
         Dataset.from_list(rows).to_parquet(tmp)
         os.replace(tmp, path)
     else:
-        atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
+        # default: `datasets` reads chat_date back as a datetime (score.py passes it on)
+        atomic_write(path, "".join(json.dumps(row, default=datetime.datetime.isoformat) + "\n" for row in rows))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -292,21 +311,34 @@ def main(cfg):
     dtype = compute_dtype(cfg.dtype, device)
     if os.path.isdir(cfg.output):
         fail(f"--output {cfg.output} is a folder, expected a file")
+    if os.path.realpath(cfg.output) == os.path.realpath(cfg.prompts):
+        fail(f"--output {cfg.output} is the --prompts file: it would be replaced; choose another")
     check_writable(cfg.output + ".shards", "--output")
 
     # prompts: read, check and template every one before the model is loaded
-    tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    model_config = load_model_config(cfg.model)
-    context = getattr(model_config, "max_position_embeddings", None)
-    if context and cfg.max_prompt_len + cfg.max_new_tokens > context:
-        print0(f"warning: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} is more than "
-               f"{cfg.model}'s {context} positions")
     data = load_split(cfg.prompts, cfg.split)
     if data is None:
         fail(f"{cfg.prompts} has no split {cfg.split!r}")
     if cfg.prompt_column not in data.column_names:
         fail(f"{cfg.prompts}: missing column {cfg.prompt_column!r} (columns: {', '.join(data.column_names)})")
     check_prompt_column(data, cfg.prompt_column, cfg.prompts)
+    tokenizer = load_tokenizer(cfg.model, padding_side="left")
+    model_config = load_model_config(cfg.model)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and cfg.max_prompt_len + cfg.max_new_tokens > context:
+        print0(f"warning: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} is more than "
+               f"{cfg.model}'s {context} positions")
+    # a chat template that writes today's date shows the day this output was begun, so that a resume on a later day
+    # samples the same prompts, and rebel.py can check the prompt ids against the template at that date
+    chat_date = date = None
+    if STRFTIME_NOW.search(tokenizer.get_chat_template()):
+        try:
+            chat_date = json.load(open(os.path.join(cfg.output + ".shards", "manifest.json")))["chat_date"]
+            datetime.datetime.fromisoformat(chat_date)
+        except (OSError, ValueError, KeyError, TypeError):  # a new output (or a damaged manifest, refused below)
+            chat_date = datetime.datetime.now().isoformat(timespec="seconds")
+        chat_date = from_rank0(chat_date)
+        date = datetime.datetime.fromisoformat(chat_date)
     if cfg.limit:
         data = data.select(range(min(cfg.limit, len(data))))
     prompts = list(data[cfg.prompt_column])
@@ -314,7 +346,7 @@ def main(cfg):
     tokens, dropped = {}, []
     for i, p in enumerate(tqdm(prompts, desc="template prompts", unit="prompt", disable=rank != 0 or len(prompts) < 1000)):
         try:
-            tokens[i] = prompt_tokens(tokenizer, p)[1]
+            tokens[i] = prompt_tokens(tokenizer, p, date)[1]
             if len(tokens[i]) > cfg.max_prompt_len:
                 raise BadRow(f"longer than --max_prompt_len {cfg.max_prompt_len} tokens")
         except BadRow as e:
@@ -327,8 +359,9 @@ def main(cfg):
     blocks = [[kept[j] for j in block] for block in make_blocks([len(tokens[i]) for i in kept], cfg.batch_size)]
     stop_ids = stop_token_ids(tokenizer, cfg.model, model_config)
     settings = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "report_to")},
-                "prompts_sha256": fingerprint([i, prompt_ids[i], tokens[i]] for i in kept), "stop_ids": stop_ids}
-    shards, old = open_shards(cfg.output, settings)
+                "prompts_sha256": fingerprint([i, prompt_ids[i], tokens[i]] for i in kept), "stop_ids": stop_ids,
+                "chat_date": chat_date}
+    shards, old = open_shards(cfg.output, settings, paths=("model", "prompts"))
     print0(f"{len(kept)} prompts × {cfg.num_samples} samples | {len(blocks)} blocks of {cfg.batch_size} prompts | "
            f"{world_size} processes | engine {cfg.engine} | device {device.type} | dtype {dtype}\n"
            f"sampling: temperature {cfg.temperature} | top_p {cfg.top_p} | no top_k | max_new_tokens {cfg.max_new_tokens} | "
@@ -350,12 +383,12 @@ def main(cfg):
             rows = [dict(index=i, prompt_id=prompt_ids[i], prompt=prompts[i], prompt_ids=tokens[i],
                          responses=[s[0] for s in samples], response_ids=[s[3] for s in samples],
                          truncated=[s[1] for s in samples], num_tokens=[s[2] for s in samples],
-                         temperature=cfg.temperature, top_p=cfg.top_p)
+                         temperature=cfg.temperature, top_p=cfg.top_p, **({"chat_date": chat_date} if chat_date else {}))
                     for i, samples in zip(block, sample(b, block))]
             return rows, sum(sum(row["num_tokens"]) for row in rows)
         return work, files_fingerprint(cfg.model)
 
-    rows = run_blocks(blocks, shards, (settings, old), make_worker, rank, world_size, "tokens")
+    rows = run_blocks(blocks, shards, (settings, old), make_worker, cfg.model, rank, world_size, "tokens")
     if rank == 0:
         rows.sort(key=lambda row: row["index"])  # input order
         for row in rows:
@@ -373,4 +406,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_script(main, Config, "the same command continues where it stopped")

@@ -23,11 +23,13 @@ Defaults reproduce REBEL-Llama-3-Armo-iter_1 (Meta-Llama-3-8B-Instruct on Cornel
     # resume after a crash: the same command plus --resume
 """
 import dataclasses
+import datetime
 import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -83,7 +85,7 @@ class Config:
     report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send metrics.jsonl's records to this tracker (rank 0)")
 
     def __post_init__(self):
-        check_config(self, eta="(0, inf)", lr="(0, inf)", beta1="[0, 1)", beta2="[0, 1)", adam_eps="[0, inf)",
+        check_config(self, eta="(0, inf)", lr="(0, inf)", beta1="[0, 1)", beta2="[0, 1)", adam_eps="(0, inf)",
                      weight_decay="[0, inf)", warmup_ratio="[0, 1]", temperature="(0, inf)", total_episodes="[1, inf)",
                      batch_size="[1, inf)", micro_batch_size="[1, inf)", eval_micro_batch_size="[1, inf)",
                      eval_size="[0, inf)", max_prompt_len="[1, inf)", max_response_len="[1, inf)",
@@ -92,7 +94,8 @@ class Config:
 
 
 # what a resumed run may not change: it would change the data, the reference or the optimisation already done
-FIXED_ON_RESUME = ("dataset", "train_split", "eval_split", "eval_size", "seed", "eta", "lr", "beta1", "beta2",
+# (not the --dataset path: the pairs themselves are compared, so a resume may name the same file by another path)
+FIXED_ON_RESUME = ("train_split", "eval_split", "eval_size", "seed", "eta", "lr", "beta1", "beta2",
                    "adam_eps", "weight_decay", "warmup_ratio", "temperature", "total_episodes", "batch_size",
                    "max_prompt_len", "max_response_len", "max_grad_norm", "dtype")
 
@@ -111,10 +114,12 @@ def parse_config(cls, argv=None):
     parser.add_argument("--config", help="YAML or JSON file of settings (field: value); flags given too override it")
     path = parser.parse_known_args(argv)[0].config
     if path:
-        parser.set_defaults(**read_settings(path, cls))  # string values are parsed like flags: YAML's 3e-7 is a string
+        parser.set_defaults(**read_settings(path, cls))
     cfg, *_, unknown = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=True)
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+        files = [a for a in unknown if a.endswith((".yaml", ".yml", ".json"))]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)"
+                     + (f"; a settings file goes first or after --config: --config {files[0]}" if files else ""))
     return cfg
 
 
@@ -127,24 +132,48 @@ def read_settings(path, cls):
         fail(f"--config {path}: {str(e).splitlines()[0]}")
     if not isinstance(settings, dict):
         fail(f"--config {path}: expected a mapping of setting: value, got {type(settings).__name__}")
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - set(kinds))
     if unknown:
         fail(f"--config {path}: unknown settings {', '.join(unknown)} (see --help)")
+    for name, value in settings.items():
+        try:
+            settings[name] = as_kind(value, kinds[name])
+        except ValueError as e:
+            fail(f"--config {path}: {name} {e}")
     return settings
+
+
+def as_kind(value, kind):
+    """`value` as a setting of type `kind` (int, float, bool, str or a Literal) takes it, a string read as a flag's
+    would be (YAML reads 3e-7 as a string). Raises ValueError saying what was expected."""
+    from argparse import ArgumentTypeError
+
+    from transformers.hf_argparser import string_to_bool
+    if typing.get_origin(kind) is Literal:
+        if value in typing.get_args(kind):
+            return value
+        raise ValueError(f"must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
+    if isinstance(value, str) and kind in (int, float, bool):
+        try:
+            return string_to_bool(value) if kind is bool else kind(value)
+        except (ValueError, ArgumentTypeError):
+            pass
+    elif kind is float and type(value) is int:
+        return float(value)
+    elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"must be {dict(int='an integer', float='a number', bool='true or false', str='a string')[kind.__name__]}, got {value!r}")
 
 
 def check_config(cfg, **intervals):
     """Fail with one line on a setting of the wrong type, not among a Literal's values, or outside its interval
     ("(0, inf)", "[0, 1)", ...), before any data or model is loaded. --report_to's package must be importable."""
     for f in dataclasses.fields(cfg):
-        value, kind = getattr(cfg, f.name), f.type
-        if typing.get_origin(kind) is Literal:
-            if value not in typing.get_args(kind):
-                fail(f"--{f.name} must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
-        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-            setattr(cfg, f.name, float(value))
-        elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            fail(f"--{f.name} must be {dict(int='an integer', float='a number', bool='true or false').get(kind.__name__, 'a string')}, got {value!r}")
+        try:
+            setattr(cfg, f.name, as_kind(getattr(cfg, f.name), f.type))
+        except ValueError as e:
+            fail(f"--{f.name} {e}")
     for name, interval in intervals.items():
         (low, high), value = map(float, interval[1:-1].split(",")), getattr(cfg, name)
         if not ((low < value if interval[0] == "(" else low <= value) and (value < high if interval[-1] == ")" else value <= high)):
@@ -192,6 +221,15 @@ def print0(*args):
 def fail(message):
     """One clear line for the user, then exit (before any expensive work where possible)."""
     raise SystemExit(f"error: {message}")
+
+
+def run_script(main, cls, how_to_continue, argv=None):
+    """main(its config from the command line); Ctrl-C ends with one line saying how to continue, not a traceback."""
+    try:
+        main(parse_config(cls, argv))
+    except KeyboardInterrupt:
+        print0(f"\ninterrupted: {how_to_continue}")
+        raise SystemExit(130) from None
 
 
 def atomic_write(path, text):
@@ -255,6 +293,7 @@ def load_split(source, split):
     .json/.jsonl/.parquet file (which has a single split, 'train'). Returns None when the split does not exist."""
     import datasets
     kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    check_data_source(source)
     if os.path.isfile(source):
         kind = kinds.get(os.path.splitext(source)[1])
         if kind is None:
@@ -271,15 +310,20 @@ def load_split(source, split):
         if isinstance(data, datasets.Dataset):
             return data if split == "train" else None
         return data[split] if split in data else None
-    if source.endswith(tuple(kinds)):
-        fail(f"{source}: no such file")
-    if not os.path.isdir(source) and source.count("/") != 1:
-        fail(f"dataset {source!r}: no such file or folder, and not a Hub id (owner/name)")
     try:
         available = datasets.get_dataset_split_names(source)
     except Exception as e:  # noqa: BLE001 — any loading failure is reported in one line
         fail(f"dataset {source!r} could not be opened: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return datasets.load_dataset(source, split=split) if split in available else None
+
+
+def check_data_source(source):
+    """Fail in one line, before a model or tokenizer is fetched, on data that is neither a file or folder here nor a Hub id."""
+    if not os.path.exists(source):
+        if source.endswith((".json", ".jsonl", ".parquet")):
+            fail(f"{source}: no such file")
+        if source.count("/") != 1:
+            fail(f"dataset {source!r}: no such file or folder, and not a Hub id (owner/name)")
 
 
 def describe_bad_file(path):
@@ -318,6 +362,8 @@ def chat_messages(prompt):
     """A prompt as chat messages: a string is one user turn; a list of {'role', 'content'} messages must use the roles
     system, user and assistant, with string contents, and end with a user turn. Raises BadRow saying what is wrong."""
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise BadRow("the prompt is empty")
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
         raise BadRow("the prompt must be a string or a non-empty list of {'role', 'content'} messages")
@@ -326,20 +372,30 @@ def chat_messages(prompt):
             raise BadRow("each message must be {'role': 'system'|'user'|'assistant', 'content': a string}")
     if prompt[-1]["role"] != "user":
         raise BadRow(f"the prompt must end with a user turn, not {prompt[-1]['role']!r}")
+    if not prompt[-1]["content"].strip():
+        raise BadRow("the last user turn is empty")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def apply_template(tokenizer, messages, **kwargs):
-    """The chat template's text; a template that raises on a row (e.g. Gemma's on a system turn) raises BadRow."""
+STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+def apply_template(tokenizer, messages, date=None, **kwargs):
+    """The chat template's text. `date` (a datetime) fixes what the template's strftime_now("...") writes (Llama-3.2's
+    "Today Date", Mistral Small's, ...), so that a prompt sampled one day is the same prompt the next. A template that
+    raises on a row (e.g. Gemma's on a system turn) raises BadRow."""
+    template = tokenizer.get_chat_template()
+    if date is not None:
+        template = STRFTIME_NOW.sub(lambda m: json.dumps(date.strftime(m.group(2))), template)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
     except Exception as e:  # noqa: BLE001 — jinja2's TemplateError and whatever a template's own code raises
         raise BadRow(f"the chat template raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-def prompt_tokens(tokenizer, prompt):
+def prompt_tokens(tokenizer, prompt, date=None):
     """(text, token ids) of the templated prompt + generation prompt: what generate.py samples after. Raises BadRow."""
-    text = apply_template(tokenizer, chat_messages(prompt), add_generation_prompt=True)
+    text = apply_template(tokenizer, chat_messages(prompt), date, add_generation_prompt=True)
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -369,6 +425,8 @@ def count_dropped(dropped, total, where):
 
 def load_tokenizer(name, padding_side="right"):
     from transformers import AutoTokenizer
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        fail(f"model {name!r}: no such folder, and not a Hub id (owner/name)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side=padding_side)
     except (OSError, ValueError) as e:  # no such folder or Hub id, no access, offline
@@ -377,6 +435,12 @@ def load_tokenizer(name, padding_side="right"):
         fail(f"tokenizer of {name} has no chat template; REBEL formats prompts and responses with it")
     if tokenizer.pad_token_id is None:  # Llama-3 has none; pads are masked out, so any id does
         tokenizer.pad_token = tokenizer.eos_token
+    try:
+        text = apply_template(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    except BadRow:
+        text = ""
+    if tokenizer.bos_token and text.startswith(2 * tokenizer.bos_token):
+        print0(f"warning: the chat template of {name} writes the BOS token {tokenizer.bos_token} twice at the start of every prompt")
     return tokenizer
 
 
@@ -441,7 +505,8 @@ def open_tracker(report_to, run_dir, name, config, resumed_at=None):
         import wandb
         id_path = os.path.join(run_dir, "wandb_run_id")
         run_id = open(id_path).read().strip() if resumed_at is not None and os.path.exists(id_path) else None
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rebel"), id=run_id, resume="allow", name=name, dir=run_dir, config=config)
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rebel"), id=run_id, resume="allow", name=name, dir=run_dir,
+                         config=None if run_id else config)  # a resumed run has its config already
         atomic_write(id_path, run.id)
         return (lambda record, step: run.log({k: v for k, v in record.items() if k != "update"}, step=step)), run.finish
     from torch.utils.tensorboard import SummaryWriter
@@ -460,9 +525,12 @@ def open_tracker(report_to, run_dir, name, config, resumed_at=None):
 # ----------------------------------------------------------------------------- data
 
 def pick_column(columns, names, where):
-    for name in names:
-        if name in columns:
-            return name
+    """The one of `names` (a column's accepted spellings) that the data has."""
+    present = [name for name in names if name in columns]
+    if len(present) > 1:
+        fail(f"{where}: has both columns {' and '.join(map(repr, present))}, which mean the same: keep one")
+    if present:
+        return present[0]
     fail(f"{where}: missing column {' or '.join(map(repr, names))} (columns: {', '.join(columns)})")
 
 
@@ -471,7 +539,8 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, rank=0, world_size=1):
     rejected_reward}], sorted by index. With the columns prompt_ids/chosen_ids/rejected_ids (generate.py → score.py)
     they are the sampled tokens; else the chat template of the texts (`text_ids`). Rows that cannot be used are
     dropped and counted with their reason; a reward that is not a finite number stops the run, naming the row, before
-    any model work. Each process does every world_size-th row; all get the same pairs and the same count."""
+    any model work. A chat template that writes today's date is rendered at the row's chat_date (generate.py's), else
+    at rank 0's now. Each process does every world_size-th row; all get the same pairs and the same count."""
     cols = rows.column_names
     prompt, chosen, rejected, chosen_reward, rejected_reward = (pick_column(cols, names, where) for names in (
         ["prompt"], ["chosen"], ["rejected", "reject"], ["chosen_reward"], ["rejected_reward", "reject_reward"]))
@@ -481,6 +550,7 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, rank=0, world_size=1):
              "three sampled-id columns, or none (the texts are then tokenised)")
     check_prompt_column(rows, prompt, where)
     sampled, eot = len(id_columns) == 3, end_of_turn(tokenizer)
+    now = from_rank0(datetime.datetime.now()) if world_size > 1 else datetime.datetime.now()
     pairs, dropped, error = [], [], None
     for i in tqdm(range(rank, len(rows), world_size), desc=f"tokenize {where}", unit="pair", disable=rank != 0 or len(rows) < 1000):
         row = rows[i]
@@ -488,7 +558,9 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, rank=0, world_size=1):
             for col in (chosen_reward, rejected_reward):
                 if isinstance(row[col], bool) or not isinstance(row[col], (int, float)) or not math.isfinite(row[col]):
                     fail(f"{where} row {i}: column {col!r} must be a finite number, got {row[col]!r}")
-            ids = sampled_ids(row, tokenizer, vocab_size) if sampled else text_ids(row[prompt], [row[chosen], row[rejected]], tokenizer, eot)
+            date = chat_date(row.get("chat_date")) or now
+            ids = (sampled_ids(row, [row[chosen], row[rejected]], tokenizer, vocab_size, date) if sampled
+                   else text_ids(row[prompt], [row[chosen], row[rejected]], tokenizer, eot, date))
             pairs.append(dict(index=i, prompt_ids=ids[0], chosen_ids=ids[1], rejected_ids=ids[2],
                               chosen_reward=float(row[chosen_reward]), rejected_reward=float(row[rejected_reward])))
         except BadRow as e:
@@ -510,29 +582,45 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, rank=0, world_size=1):
     return sorted((p for part, _, _ in parts for p in part), key=lambda p: p["index"])
 
 
-def sampled_ids(row, tokenizer, vocab_size):
-    """(prompt ids, chosen ids, rejected ids) as sampled, checked: integers of the vocabulary, and prompt ids equal to
-    this tokenizer's templated prompt (else the pair was sampled with another model). Raises BadRow."""
+def chat_date(value):
+    """A row's chat_date (ISO 8601, written by generate.py) as a datetime; None when absent. Raises BadRow."""
+    if value is None or hasattr(value, "strftime"):  # `datasets` may read the column as timestamps: datetimes
+        return value
+    try:
+        return datetime.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise BadRow(f"chat_date must be an ISO 8601 date and time like 2024-07-26T09:30:00, got {str(value)[:40]!r}") from None
+
+
+def sampled_ids(row, texts, tokenizer, vocab_size, date=None):
+    """(prompt ids, chosen ids, rejected ids) as sampled, checked: integers of the vocabulary, prompt ids equal to this
+    tokenizer's templated prompt at `date` (else the pair was sampled with another model), and response ids that
+    decode to the response `texts` that were scored, as generate.py decoded them. Raises BadRow."""
     ids = [row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]]
     if not all(isinstance(x, list) and x and all(type(t) is int and 0 <= t < vocab_size for t in x) for x in ids):
         raise BadRow(f"prompt_ids, chosen_ids and rejected_ids must be non-empty lists of integers in [0, {vocab_size})")
-    if prompt_tokens(tokenizer, row["prompt"])[1] != ids[0]:
-        raise BadRow("prompt_ids are not this tokenizer's chat template of the prompt (sampled with another model?)")
+    if prompt_tokens(tokenizer, row["prompt"], date)[1] != ids[0]:
+        dated = STRFTIME_NOW.search(tokenizer.get_chat_template()) and row.get("chat_date") is None
+        raise BadRow("prompt_ids are not this tokenizer's chat template of the prompt (sampled with another model?"
+                     + (" the template writes today's date, and the row has no chat_date saying which day it was sampled)" if dated else ")"))
+    for name, response, text in zip(("chosen", "rejected"), ids[1:], texts):
+        if text not in (tokenizer.decode(response[:-1], skip_special_tokens=True), tokenizer.decode(response, skip_special_tokens=True)):
+            raise BadRow(f"{name}_ids do not decode to the {name} text (edited after sampling, or decoded another way?)")
     return ids
 
 
-def text_ids(prompt, responses, tokenizer, eot):
+def text_ids(prompt, responses, tokenizer, eot, date=None):
     """(prompt ids, *response ids) of text-only pairs (e.g. the authors' released data), tokenised as sampling makes
     them, never across the prompt/response boundary (a GPT-2-style pre-tokenizer merges "\\n\\n" + word there): prompt
     ids from the templated prompt alone; response ids from the text that the template adds after it, up to and
     including its end-of-turn token `eot` (ChatML's and Gemma's "\\n" after it is never sampled, so never trained).
     Raises BadRow when the template cannot be split there or changes the response text (e.g. strips reasoning)."""
-    prompt_text, prompt_ids = prompt_tokens(tokenizer, prompt)
+    prompt_text, prompt_ids = prompt_tokens(tokenizer, prompt, date)
     eot_text, out = None if eot is None else tokenizer.convert_ids_to_tokens(eot), [prompt_ids]
     for response in responses:
         if not isinstance(response, str):
             raise BadRow("the chosen and rejected responses must be strings")
-        full = apply_template(tokenizer, chat_messages(prompt) + [{"role": "assistant", "content": response}])
+        full = apply_template(tokenizer, chat_messages(prompt) + [{"role": "assistant", "content": response}], date)
         if not full.startswith(prompt_text):
             raise BadRow("the templated prompt is not a prefix of the templated conversation")
         added = full[len(prompt_text):]
@@ -674,8 +762,15 @@ def build_model(cfg, device, dtype):
     starting_dtype, full, buffers = config.dtype or torch.float32, {}, None  # the final model is saved in it (bf16 for Llama-3)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    error = None
     if dist.get_rank() == 0:
-        loaded = load_pretrained(AutoModelForCausalLM, cfg.model, config=config, dtype=torch.float32)
+        try:
+            loaded = load_pretrained(AutoModelForCausalLM, cfg.model, config=config, dtype=torch.float32)
+        except SystemExit as e:  # said by every process, rather than the others failing in the broadcast below
+            error = str(e)
+    if error := from_rank0(error):
+        raise SystemExit(error)
+    if dist.get_rank() == 0:
         full = loaded.state_dict()
         buffers = {n: b for n, b in loaded.named_buffers() if n not in full}  # not in checkpoints, e.g. rotary inv_freq
         model.generation_config = loaded.generation_config  # Llama-3's two stop tokens, saved with the final model
@@ -874,11 +969,11 @@ def load_checkpoint(model, optimizer, path):
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         dcp.load(state, checkpoint_id=path)
+        rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
     except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 — a damaged checkpoint: one line, and what to do
         fail(f"{path} cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): delete it to start "
              "afresh, or restore it")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -932,12 +1027,16 @@ def main(cfg):
             print0(f"{cfg.output_dir}: this run is finished ({num_updates} updates; the model is in final/)")
             dist.destroy_process_group()
             return
+    if os.path.isdir(cfg.model) and os.path.join(os.path.realpath(cfg.model), "").startswith(os.path.join(os.path.realpath(cfg.output_dir), "")):
+        fail(f"--model {cfg.model} is inside --output_dir {cfg.output_dir}, where this run writes final/ and checkpoints/; "
+             "use another --output_dir")
     check_writable(cfg.output_dir, "--output_dir")
     if from_rank0(rank == 0 and not lock_folder(cfg.output_dir)):
         fail(f"--output_dir {cfg.output_dir} is in use by another rebel.py run (it holds {cfg.output_dir}/.lock)")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
 
     # data: read, validate and tokenise everything before the model is loaded
+    check_data_source(cfg.dataset)
     tokenizer = load_tokenizer(cfg.model)
     model_config = load_model_config(cfg.model)
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer, model_config.vocab_size)
@@ -1048,4 +1147,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_script(main, Config, "continue with the same command and --resume")

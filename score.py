@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from generate import check_output_path, fingerprint, open_shards, run_blocks, write_rows
 from rebel import (BadRow, arg, chat_messages, check_config, check_prompt_column, check_writable, compute_dtype, fail, files_fingerprint, init_distributed,
-                   load_split, load_tokenizer, open_tracker, parse_config, print0)
+                   load_split, load_tokenizer, open_tracker, print0, run_script)
 
 
 @dataclass
@@ -352,6 +352,8 @@ def main(cfg):
         fail(f"--output {cfg.output} exists and is not a datasets folder that score.py wrote: it would be replaced; choose another")
     if not cfg.test_size and os.path.isdir(cfg.output):
         fail(f"--output {cfg.output} is a folder, expected a file")
+    if os.path.realpath(cfg.output) == os.path.realpath(cfg.input):
+        fail(f"--output {cfg.output} is the --input file: it would be replaced; choose another")
     check_writable(cfg.output + ".shards", "--output")
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     dtype = compute_dtype(cfg.dtype, device)
@@ -366,13 +368,14 @@ def main(cfg):
     k = check_rows(rows, cfg.input, cfg.drop_truncated)
     tokenizer = None if reward_fn else load_tokenizer(cfg.reward_model)
     blocks = [list(range(s, min(s + cfg.block_size, len(rows)))) for s in range(0, len(rows), cfg.block_size)]
-    settings = dict(reward=cfg.reward_fn or cfg.reward_model, max_length=None if reward_fn else cfg.max_length,
+    settings = dict(reward=cfg.reward_fn or cfg.reward_model, function=cfg.reward_fn.rpartition(":")[2] if reward_fn else None,
+                    max_length=None if reward_fn else cfg.max_length,
                     dtype=None if reward_fn else cfg.dtype, block_size=cfg.block_size,
                     trust_remote_code=None if reward_fn else cfg.trust_remote_code,
                     # a reward function's file is part of what the rewards depend on: an edited one is not mixed with the old
                     reward_fn_sha256=hashlib.sha256(open(cfg.reward_fn.rpartition(":")[0], "rb").read()).hexdigest()[:16] if reward_fn else None,
                     input_sha256=fingerprint([row["prompt"], row["responses"], row.get("response_ids")] for row in rows))
-    shards, old = open_shards(cfg.output, settings)
+    shards, old = open_shards(cfg.output, settings, paths=("reward",))  # compared by content: the file's or model's
     print0(f"{len(rows)} prompts × {k} responses | reward {settings['reward']} | {len(blocks)} blocks of {cfg.block_size} "
            f"prompts | {world_size} processes | device {device.type}" + ("" if reward_fn else f" | dtype {dtype}"))
 
@@ -382,7 +385,8 @@ def main(cfg):
         model = load_reward_model(cfg, dtype, tokenizer).to(device).eval()
         return (lambda b, block: model_rewards(model, tokenizer, rows, block, cfg, device)), files_fingerprint(cfg.reward_model)
 
-    scored = run_blocks(blocks, shards, (settings, old), make_worker, rank, world_size, "responses" if reward_fn else "tokens")
+    scored = run_blocks(blocks, shards, (settings, old), make_worker, None if reward_fn else cfg.reward_model, rank, world_size,
+                        "responses" if reward_fn else "tokens")
     if rank == 0:
         scored = {s["index"]: s for s in scored}
         pairs, dropped = [], Counter()
@@ -432,4 +436,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_script(main, Config, "the same command continues where it stopped")
