@@ -78,7 +78,7 @@ class Config:
     def __post_init__(self):
         check_config(self, num_samples="[1, inf)", temperature="(0, inf)", top_p="(0, 1]", max_new_tokens="[1, inf)",
                      max_prompt_len="[1, inf)", seed="[0, 4294967296)", limit="[0, inf)", batch_size="[1, inf)")
-        check_output_path(self.output)
+        check_output_path(self.output, self.model)
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             fail("--engine vllm: vLLM is not installed (pip install vllm), or use --engine hf")
 
@@ -98,9 +98,12 @@ def fingerprint(items):
     return h.hexdigest()[:16]
 
 
-def check_output_path(path):
+def check_output_path(path, model):
+    """--output must be a .jsonl/.parquet file, not written among the model's own files (their fingerprint would change)."""
     if not path.endswith((".jsonl", ".parquet")):
         fail(f"--output {path}: expected a .jsonl or .parquet file")
+    if os.path.isdir(model) and os.path.dirname(os.path.realpath(path)) == os.path.realpath(model):
+        fail(f"--output {path} is in the model folder {model}, whose files say which model made the output; write it elsewhere")
 
 
 def open_shards(output, settings, paths=()):
@@ -168,7 +171,7 @@ def run_blocks(blocks, shards, manifest, make_worker, model, rank, world_size, r
         for b, block in enumerate(blocks):
             rows, damaged = read_block(path(b), block)
             if damaged:
-                print(f"{path(b)} is damaged ({damaged}): sampling it again", flush=True)
+                print(f"{path(b)} is damaged ({damaged}): doing it again", flush=True)
             if rows is None:
                 todo.append(b)
     todo = from_rank0(todo)  # one list for all processes
@@ -331,14 +334,21 @@ def main(cfg):
     # a chat template that writes today's date shows the day this output was begun, so that a resume on a later day
     # samples the same prompts, and rebel.py can check the prompt ids against the template at that date
     chat_date = date = None
-    if STRFTIME_NOW.search(tokenizer.get_chat_template()):
+    template = tokenizer.get_chat_template()
+    if template.count("strftime_now(") > len(STRFTIME_NOW.findall(template)):
+        print0(f"warning: the chat template of {cfg.model} calls strftime_now with a format that is not a quoted literal: "
+               "the date it writes cannot be fixed, so train on the day you sample (rebel.py checks the prompts then)")
+    if STRFTIME_NOW.search(template):
+        manifest = os.path.join(cfg.output + ".shards", "manifest.json")
         try:
-            chat_date = json.load(open(os.path.join(cfg.output + ".shards", "manifest.json")))["chat_date"]
-            datetime.datetime.fromisoformat(chat_date)
-        except (OSError, ValueError, KeyError, TypeError):  # a new output (or a damaged manifest, refused below)
-            chat_date = datetime.datetime.now().isoformat(timespec="seconds")
-        chat_date = from_rank0(chat_date)
-        date = datetime.datetime.fromisoformat(chat_date)
+            chat_date = json.load(open(manifest)).get("chat_date")
+        except (OSError, ValueError, AttributeError):  # a new output (or a damaged manifest, refused below)
+            pass
+        chat_date = from_rank0(chat_date or datetime.datetime.now().isoformat(timespec="seconds"))
+        try:
+            date = datetime.datetime.fromisoformat(chat_date)
+        except (TypeError, ValueError):
+            fail(f"{manifest}: chat_date {chat_date!r} is not a date and time; delete {cfg.output}.shards to start afresh")
     if cfg.limit:
         data = data.select(range(min(cfg.limit, len(data))))
     prompts = list(data[cfg.prompt_column])

@@ -156,12 +156,14 @@ def as_kind(value, kind):
         raise ValueError(f"must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
     if isinstance(value, str) and kind in (int, float, bool):
         try:
-            return string_to_bool(value) if kind is bool else kind(value)
+            value = string_to_bool(value) if kind is bool else kind(value)
         except (ValueError, ArgumentTypeError):
             pass
-    elif kind is float and type(value) is int:
-        return float(value)
-    elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+    if kind is float and type(value) is int:
+        value = float(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
         return value
     raise ValueError(f"must be {dict(int='an integer', float='a number', bool='true or false', str='a string')[kind.__name__]}, got {value!r}")
 
@@ -469,9 +471,10 @@ def compute_dtype(name, device):
 
 
 def files_fingerprint(path):
-    """What a model folder holds, cheaply: sha256 over every file's name, size and content (a Hub id: its snapshot in
-    the local cache). Files over 64 MB, the weights, are read in 16 pieces of 1 MB spread over the file (~0.1 s for a
-    16 GB model), so a folder replaced at the same path is told apart however its files were copied."""
+    """What a model folder holds, cheaply: sha256 over the name, size and content of each of its own files, which are
+    what from_pretrained reads (not subfolders, e.g. Meta's original/ weights or a run's output; not hidden files). A
+    Hub id: its snapshot in the local cache. Files over 64 MB, the weights, are read in 16 pieces of 1 MB spread over
+    the file (~0.1 s for a 16 GB model), so a folder replaced at the same path is told apart however it was copied."""
     if not os.path.isdir(path):
         try:
             from huggingface_hub import snapshot_download
@@ -479,9 +482,9 @@ def files_fingerprint(path):
         except Exception:  # noqa: BLE001 — not in the cache: the name is all there is
             return f"hub:{path}"
     h = hashlib.sha256()
-    for name in sorted(glob.glob("**", root_dir=path, recursive=True)):
+    for name in sorted(os.listdir(path)):
         file = os.path.join(path, name)
-        if not os.path.isfile(file):
+        if not os.path.isfile(file) or name.startswith("."):
             continue
         size = os.path.getsize(file)
         h.update(f"{name}:{size}:".encode())
@@ -927,9 +930,20 @@ def lr_at(update, num_updates, cfg):
 # ----------------------------------------------------------------------------- checkpoints
 
 def latest_checkpoint(output_dir):
-    done = [d for d in glob.glob(os.path.join(output_dir, "checkpoints", "update_*"))
-            if not d.endswith(".partial") and os.path.exists(os.path.join(d, "train_state.json"))]
+    done = [d for d in glob.glob(os.path.join(output_dir, "checkpoints", "update_*")) if not d.endswith(".partial")]
     return max(done, key=lambda d: int(d.rsplit("_", 1)[1]), default=None)
+
+
+def read_train_state(checkpoint):
+    """A checkpoint's train_state.json (written last, before the folder is renamed: never missing after a crash)."""
+    try:
+        with open(os.path.join(checkpoint, "train_state.json")) as f:
+            state = json.load(f)
+        if isinstance(state, dict) and type(state.get("update")) is int:
+            return state
+    except (OSError, ValueError):
+        pass
+    fail(f"{checkpoint}/train_state.json is missing or damaged: delete {checkpoint} to start afresh, or restore it")
 
 
 def save_checkpoint(model, optimizer, cfg, rank, train_state):
@@ -977,7 +991,6 @@ def load_checkpoint(model, optimizer, path):
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.load(open(os.path.join(path, "train_state.json")))["update"]
 
 
 def save_final(model, cfg, rank):
@@ -1017,9 +1030,9 @@ def main(cfg):
     checkpoint = from_rank0(latest_checkpoint(cfg.output_dir))  # one decision for all processes
     if checkpoint and not cfg.resume:
         fail(f"{cfg.output_dir} holds a checkpoint of an earlier run: add --resume to continue it, or pick another --output_dir")
-    state = json.load(open(os.path.join(checkpoint, "train_state.json"))) if checkpoint else None
+    state = read_train_state(checkpoint) if checkpoint else None
     if state:
-        changed = [f"--{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in state["config"].items()
+        changed = [f"--{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in state.get("config", {}).items()
                    if k in FIXED_ON_RESUME and v != getattr(cfg, k)]
         if changed:
             fail(f"--resume: {checkpoint} was made with other settings ({'; '.join(changed)}); resume with those, or use another --output_dir")
@@ -1062,8 +1075,9 @@ def main(cfg):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
     ref = reference_logprobs(model, splits, cfg, run, model_files)
-    start_update = load_checkpoint(model, optimizer, checkpoint) if checkpoint else 0
+    start_update = state["update"] if checkpoint else 0
     if checkpoint:
+        load_checkpoint(model, optimizer, checkpoint)
         print0(f"resumed from {checkpoint} at update {start_update}")
     elif cfg.resume:
         print0(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints, starting from scratch")

@@ -69,7 +69,7 @@ class Config:
         if self.test_size and self.output.endswith((".jsonl", ".parquet", ".json")):
             fail(f"--test_size writes a datasets folder with splits train_prefs and test_prefs: give --output a folder, not {self.output}")
         if not self.test_size:
-            check_output_path(self.output)
+            check_output_path(self.output, "" if self.reward_fn else self.reward_model)
 
 
 # ----------------------------------------------------------------------------- input and rewards

@@ -465,6 +465,8 @@ def test_bad_input_fails_clearly_before_loading_the_model(tiny_model, tmp_path, 
          r"both\.jsonl\[train\]: has both columns 'rejected' and 'reject', which mean the same: keep one"),
         (dict(output_dir=tiny_model), r"--model .* is inside --output_dir .*, where this run writes final/"),
         (dict(adam_eps=0.0), r"--adam_eps must be > 0, got 0.0"),
+        (dict(eta=float("inf")), r"--eta must be a finite number, got inf"),
+        (dict(lr=float("nan")), r"--lr must be a finite number, got nan"),
     ]
     os.makedirs(tmp_path / "earlier" / "checkpoints" / "update_000002")
     (tmp_path / "earlier" / "checkpoints" / "update_000002" / "train_state.json").write_text('{"update": 2}')
@@ -528,7 +530,8 @@ def test_config_files_and_flags_give_the_same_run(tiny_model, tmp_path):
     with pytest.raises(SystemExit, match=r"--config .*bad\.yaml: "):
         rebel.parse_config(rebel.Config, [str(tmp_path / "bad.yaml")])
     for text, message in (("lr: fast", "lr must be a number, got 'fast'"), ("activation_checkpointing: maybe", "activation_checkpointing must be true or false"),
-                          ("total_episodes: 1.5", "total_episodes must be an integer, got 1.5"), ("dtype: bf16", "dtype must be one of auto, bfloat16")):
+                          ("total_episodes: 1.5", "total_episodes must be an integer, got 1.5"), ("dtype: bf16", "dtype must be one of auto, bfloat16"),
+                          ("eta: .inf", "eta must be a finite number, got inf")):
         (tmp_path / "types.yaml").write_text(text + "\n")
         with pytest.raises(SystemExit, match=rf"^error: --config .*types\.yaml: {message}"):
             rebel.parse_config(rebel.Config, [str(tmp_path / "types.yaml")])
@@ -751,6 +754,7 @@ def test_generate_bad_input_fails_before_loading_the_model(tiny_model, tmp_path,
         (dict(split="test"), r"has no split 'test'"),
         (dict(output=str(tmp_path / "gen.csv")), r"expected a \.jsonl or \.parquet file"),
         (dict(output=prompts), r"--output .* is the --prompts file: it would be replaced"),
+        (dict(output=os.path.join(tiny_model, "gen.jsonl")), r"--output .*gen\.jsonl is in the model folder"),
         (dict(engine="vllm"), r"vLLM is not installed \(pip install vllm\)"),
         (dict(engine="tgi"), r"--engine must be one of hf, vllm, got .tgi."),
         (dict(num_samples=0), r"--num_samples must be >= 1, got 0"),
@@ -1146,6 +1150,12 @@ def test_resumable_state_is_recognised_by_content_not_by_name(tiny_model, tmp_pa
     """What was made with an older model, data or reward function at the same path is refused, never mixed in."""
     model = str(tmp_path / "model")
     shutil.copytree(tiny_model, model)
+    # what from_pretrained does not read (subfolders, e.g. a run's output; hidden files) is not part of the model
+    before = rebel.files_fingerprint(model)
+    os.makedirs(os.path.join(model, "runs"))
+    write_jsonl(os.path.join(model, "runs", "gen.jsonl"), [{}])
+    open(os.path.join(model, ".lock"), "w").close()
+    assert rebel.files_fingerprint(model) == before
     # generate.py: the model folder is replaced at the same path (same file names and sizes) after a kill
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=6)
     out = gen(model, prompts, tmp_path / "gen.jsonl")
@@ -1235,6 +1245,11 @@ def test_damaged_missing_or_shared_state_is_refused_or_redone(tiny_model, tmp_pa
     os.remove(os.path.join(run, "checkpoints", "update_000001", "rng.pt"))
     with pytest.raises(SystemExit, match=r"update_000001 cannot be read \(FileNotFoundError: .*: delete it to start afresh"):
         train(tiny_model, data, run, total_episodes=24, eval_size=0, resume=True)
+    for damage in ("{", None):  # train_state.json cut, or gone: one line, never a traceback or a silent fresh start
+        state = os.path.join(run, "checkpoints", "update_000001", "train_state.json")
+        open(state, "w").write(damage) if damage else os.remove(state)
+        with pytest.raises(SystemExit, match=r"update_000001/train_state\.json is missing or damaged: delete .* to start afresh"):
+            train(tiny_model, data, run, total_episodes=24, eval_size=0, resume=True)
     # a model that rank 0 cannot load stops every process with its one line (not the others with a gloo error)
     broken = str(tmp_path / "broken")
     shutil.copytree(tiny_model, broken)
@@ -1428,6 +1443,10 @@ def test_chat_template_that_writes_todays_date(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="every row was dropped"):
         rebel.tokenize_pairs(Dataset.from_list([{k: v for k, v in r.items() if k != "chat_date"} for r in pairs]), tokenizer, "pairs", len(tokenizer))
     assert "the template writes today's date, and the row has no chat_date" in capsys.readouterr().out
+    manifest = tmp_path / "gen.jsonl.shards" / "manifest.json"
+    manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), chat_date="garbage")))
+    with pytest.raises(SystemExit, match=r"manifest\.json: chat_date 'garbage' is not a date and time; delete .* to start afresh"):
+        gen(model, prompts, tmp_path / "gen.jsonl", num_samples=3, max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
