@@ -112,11 +112,7 @@ def open_shards(output, settings, paths=()):
     settings kept for the record but not compared: what they name is compared by content (so a resume may name the
     same files by another path, e.g. from another working directory)."""
     shards, settings = output + ".shards", json.loads(json.dumps(settings))  # settings as they read back
-    manifest = os.path.join(shards, "manifest.json")
-    try:
-        old = json.load(open(manifest)) if os.path.exists(manifest) else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        old = "unreadable"
+    old = read_manifest(shards)
     if not isinstance(old, dict) and (old or glob.glob(os.path.join(shards, "block_*.jsonl"))):
         fail(f"{shards} holds blocks but {'an unreadable' if old else 'no'} manifest.json saying what made them; "
              f"delete {shards} or choose another --output to start afresh")
@@ -127,6 +123,15 @@ def open_shards(output, settings, paths=()):
             fail(f"{shards} holds blocks made with other settings ({'; '.join(changed)}); rerun with those settings "
                  f"to resume, or delete {shards} or choose another --output to start afresh")
     return shards, old
+
+
+def read_manifest(shards):
+    """shards/manifest.json as a dict; None when there is none; "unreadable" (or what else it holds) when damaged."""
+    manifest = os.path.join(shards, "manifest.json")
+    try:
+        return json.load(open(manifest)) if os.path.exists(manifest) else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "unreadable"
 
 
 def block_text(rows):
@@ -157,9 +162,9 @@ def read_block(path, block):
 def run_blocks(blocks, shards, manifest, make_worker, model, rank, world_size, rate_unit):
     """Do the blocks not yet saved in `shards`, dealt round-robin over the processes (so they finish within about a
     block of each other), each saved atomically when done. A saved block that is damaged is named and done again.
-    make_worker() loads the model and returns (work, model fingerprint) with work(block_index, rows) -> (shard rows,
-    count for the rate shown); the manifest is written, or its model fingerprint checked, once the model has loaded
-    (with nothing left to do, the files of `model`, a path or None, are checked without loading it).
+    make_worker() loads the model and returns work(block_index, rows) -> (shard rows, count for the rate shown). The
+    files of `model` (a path or Hub id; None for no model) are fingerprinted once it has loaded (a Hub model is then
+    in the cache), or without loading it when nothing is left to do; the manifest is written, or its fingerprint checked.
     Returns all blocks' rows, in block order, on rank 0."""
     settings, old = manifest
     path = lambda b: os.path.join(shards, f"block_{b:06d}.jsonl")  # noqa: E731
@@ -176,11 +181,9 @@ def run_blocks(blocks, shards, manifest, make_worker, model, rank, world_size, r
                 todo.append(b)
     todo = from_rank0(todo)  # one list for all processes
     print0(f"{len(blocks) - len(todo)} of {len(blocks)} blocks already saved in {shards}; {len(todo)} to do on {world_size} processes")
-    work = None
-    if todo:  # every process loads the model when any does (vLLM's data parallel needs all)
-        work, model_files = make_worker()
-    else:  # a Hub model that is not in this machine's cache ("hub:...") cannot be checked without fetching it
-        model_files = from_rank0(files_fingerprint(model) if rank == 0 and model else None)
+    work = make_worker() if todo else None  # every process loads the model when any does (vLLM's data parallel needs all)
+    model_files = from_rank0(files_fingerprint(model) if rank == 0 and model else None)
+    # with nothing to do, a Hub model that is not in this machine's cache ("hub:...") cannot be checked without fetching it
     if old is not None and old.get("model_files") != model_files and not (not todo and str(model_files).startswith("hub:")):
         fail(f"{shards} holds blocks made with other model files than the model has now; delete {shards} or "
              "choose another --output to start afresh")
@@ -339,16 +342,14 @@ def main(cfg):
         print0(f"warning: the chat template of {cfg.model} calls strftime_now with a format that is not a quoted literal: "
                "the date it writes cannot be fixed, so train on the day you sample (rebel.py checks the prompts then)")
     if STRFTIME_NOW.search(template):
-        manifest = os.path.join(cfg.output + ".shards", "manifest.json")
-        try:
-            chat_date = json.load(open(manifest)).get("chat_date")
-        except (OSError, ValueError, AttributeError):  # a new output (or a damaged manifest, refused below)
-            pass
-        chat_date = from_rank0(chat_date or datetime.datetime.now().isoformat(timespec="seconds"))
+        old = read_manifest(cfg.output + ".shards")  # None for a new output; a damaged one is refused by open_shards
+        chat_date = (old.get("chat_date") if isinstance(old, dict) else None) or datetime.datetime.now().isoformat(timespec="seconds")
+        chat_date = from_rank0(chat_date)
         try:
             date = datetime.datetime.fromisoformat(chat_date)
         except (TypeError, ValueError):
-            fail(f"{manifest}: chat_date {chat_date!r} is not a date and time; delete {cfg.output}.shards to start afresh")
+            fail(f"{cfg.output}.shards/manifest.json: chat_date {chat_date!r} is not a date and time; delete "
+                 f"{cfg.output}.shards to start afresh")
     if cfg.limit:
         data = data.select(range(min(cfg.limit, len(data))))
     prompts = list(data[cfg.prompt_column])
@@ -396,7 +397,7 @@ def main(cfg):
                          temperature=cfg.temperature, top_p=cfg.top_p, **({"chat_date": chat_date} if chat_date else {}))
                     for i, samples in zip(block, sample(b, block))]
             return rows, sum(sum(row["num_tokens"]) for row in rows)
-        return work, files_fingerprint(cfg.model)
+        return work
 
     rows = run_blocks(blocks, shards, (settings, old), make_worker, cfg.model, rank, world_size, "tokens")
     if rank == 0:

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from generate import check_output_path, fingerprint, open_shards, run_blocks, write_rows
-from rebel import (BadRow, arg, chat_messages, check_config, check_prompt_column, check_writable, compute_dtype, fail, files_fingerprint, init_distributed,
+from rebel import (BadRow, arg, chat_messages, check_config, check_prompt_column, check_writable, compute_dtype, fail, init_distributed,
                    load_split, load_tokenizer, open_tracker, print0, run_script)
 
 
@@ -381,9 +381,9 @@ def main(cfg):
 
     def make_worker():
         if reward_fn:
-            return (lambda b, block: (function_rewards(reward_fn, cfg.reward_fn, rows, block), len(block) * k)), None
+            return lambda b, block: (function_rewards(reward_fn, cfg.reward_fn, rows, block), len(block) * k)
         model = load_reward_model(cfg, dtype, tokenizer).to(device).eval()
-        return (lambda b, block: model_rewards(model, tokenizer, rows, block, cfg, device)), files_fingerprint(cfg.reward_model)
+        return lambda b, block: model_rewards(model, tokenizer, rows, block, cfg, device)
 
     scored = run_blocks(blocks, shards, (settings, old), make_worker, None if reward_fn else cfg.reward_model, rank, world_size,
                         "responses" if reward_fn else "tokens")
