@@ -17,7 +17,8 @@ filters and the exact-match normalisation.
     # one node, 8 GPUs (the questions are split over the processes; the results do not depend on how many):
     torchrun --nproc_per_node=8 eval_gsm8k.py --model Cornell-AGI/REBEL-Llama-3-Armo-iter_1
     # several nodes (run on every node):
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 eval_gsm8k.py --model ...
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 eval_gsm8k.py \\
+        --model ...
 """
 import dataclasses
 import json
@@ -34,8 +35,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from rebel import (arg, atomic_write, check_config, check_writable, compute_dtype, fail, init_distributed, load_model_config,
-                   load_pretrained, print0, run_script)
+from rebel import (arg, atomic_write, check_config, check_output, compute_dtype, fail, first_line, init_distributed,
+                   load_model_config, load_pretrained, print0, run_script)
 
 STOP = ("Question:", "</s>", "<|im_end|>")  # gsm8k.yaml `until`; the tokenizer's end token is appended at run time
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # strict-match filter, first match
@@ -47,12 +48,14 @@ INVALID = "[invalid]"  # what a filter returns when nothing matches
 @dataclass
 class Config:
     model: str = arg("runs/rebel/final", "model to evaluate: a folder (e.g. rebel.py's output_dir/final) or a Hub id")
-    data: str = arg("openai/gsm8k", "folder with train.jsonl and test.jsonl (question, answer), or a Hub id (config 'main')")
-    num_fewshot: int = arg(5, "shots per prompt, drawn from the train split")
-    limit: int = arg(0, "evaluate only the first this many test questions (0 = all 1,319); their prompts do not change")
+    data: str = arg("openai/gsm8k", "folder with train.jsonl and test.jsonl (question, answer), or a Hub id (config "
+                    "'main')")
+    num_fewshot: int = arg(5, "shots per prompt, drawn from the train split", "[0, inf)")
+    limit: int = arg(0, "evaluate only the first this many test questions (0 = all 1,319); their prompts do not "
+                     "change", "[0, inf)")
     batch_size: int = arg(32, "questions per generate call (the harness's default is 1: padding can change a few "
-                              "bfloat16 greedy tokens)")
-    max_new_tokens: int = arg(256, "new tokens per question at most (the harness's max_gen_toks)")
+                              "bfloat16 greedy tokens)", "[1, inf)")
+    max_new_tokens: int = arg(256, "new tokens per question at most (the harness's max_gen_toks)", "[1, inf)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = arg("auto", "auto = bfloat16 on GPU, float32 on CPU")
     output: str = arg("", "folder for summary.json and samples.jsonl (default runs/gsm8k/<model>)")
     chat_template: bool = arg(False, "wrap each whole few-shot prompt in the chat template as one user turn "
@@ -61,7 +64,7 @@ class Config:
                                      "2025 (PR #3347); off: as it did before, when the model card's numbers were made")
 
     def __post_init__(self):
-        check_config(self, num_fewshot="[0, inf)", limit="[0, inf)", batch_size="[1, inf)", max_new_tokens="[1, inf)")
+        check_config(self)
 
 
 def load_docs(source, split):
@@ -80,9 +83,10 @@ def load_docs(source, split):
     elif source.count("/") == 1:
         import datasets
         try:
-            rows = [(f"{source} {split} row {i}", row) for i, row in enumerate(datasets.load_dataset(source, "main", split=split))]
+            loaded = datasets.load_dataset(source, "main", split=split)
+            rows = [(f"{source} {split} row {i}", row) for i, row in enumerate(loaded)]
         except Exception as e:  # noqa: BLE001 — offline, no access, no such dataset: one line
-            fail(f"--data {source!r} could not be loaded: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+            fail(f"--data {source!r} could not be loaded: {type(e).__name__}: {first_line(e)}")
     else:
         fail(f"--data {source!r}: no such folder, and not a Hub id (owner/name)")
     for where, row in rows:
@@ -150,8 +154,9 @@ def mean_stderr(values):
 def encode(tokenizer, prompts, add_bos_token=False):
     """Token ids of the prompts: the bare text, or with add_bos_token the tokenizer's own special tokens (its BOS),
     except for a text that already starts with BOS (a chat template's), which gets no second one; as lm-eval does."""
-    return [tokenizer(p, add_special_tokens=add_bos_token and not (tokenizer.bos_token and p.startswith(tokenizer.bos_token)))
-            ["input_ids"] for p in prompts]
+    return [tokenizer(p, add_special_tokens=add_bos_token and not (tokenizer.bos_token
+                                                                   and p.startswith(tokenizer.bos_token)))["input_ids"]
+            for p in prompts]
 
 
 class StopWhenAllDone(StoppingCriteria):
@@ -172,6 +177,17 @@ class StopWhenAllDone(StoppingCriteria):
         return torch.full((len(input_ids),), all(self.done), dtype=torch.bool, device=input_ids.device)
 
 
+def padding_id(tokenizer, num_embeddings, name):
+    """The id that pads prompts on the left: pads are masked, so any id of the embedding serves. The tokenizer's pad,
+    else its unk, eos or 0; a pad outside the embedding (REBEL-Llama-3's [PAD] is 128256 of 128,256 rows) is said
+    and replaced."""
+    ids = [t for t in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0) if t is not None]
+    if ids[0] >= num_embeddings:
+        print0(f"note: the pad token of {name} (id {ids[0]}) is outside its {num_embeddings}-row embedding; pads are "
+               f"masked, so id {next(t for t in ids if t < num_embeddings)} pads instead")
+    return next(t for t in ids if t < num_embeddings)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, batch, max_new_tokens, stop, pad_id):
     """Greedy continuations of a batch of token-id lists (left-padded), decoded as the harness decodes them."""
@@ -190,7 +206,8 @@ def main(cfg):
     # the input is checked first, so that a mistake fails in one line before any process group or model
     if not os.path.isdir(cfg.model) and cfg.model.count("/") != 1:
         fail(f"--model {cfg.model!r}: no such folder, and not a Hub id (owner/name)")
-    output = cfg.output or os.path.join("runs", "gsm8k", os.path.normpath(cfg.model).strip(os.sep).replace(os.sep, "__"))
+    output = cfg.output or os.path.join("runs", "gsm8k",
+                                        os.path.normpath(cfg.model).strip(os.sep).replace(os.sep, "__"))
     train_docs, test_docs = load_docs(cfg.data, "train"), load_docs(cfg.data, "test")
     if cfg.num_fewshot > len(train_docs):
         fail(f"--num_fewshot {cfg.num_fewshot} is more than the {len(train_docs)} train questions")
@@ -198,35 +215,34 @@ def main(cfg):
     # prompts for the whole test set, then the first n: --limit and the number of processes change none of them
     prompts = build_prompts(test_docs, train_docs, cfg.num_fewshot)[:n]
     load_model_config(cfg.model)  # a folder without a config or weights fails here, in one line
-    if os.path.exists(output) and not os.path.isdir(output):
-        fail(f"--output {output} is a file, not a folder")
-    check_writable(output, "--output")
-    rank, world_size, device = init_distributed()
-    dtype = compute_dtype(cfg.dtype, device)
+    check_output(output, "--output", "folder")
+    world = init_distributed()
+    dtype = compute_dtype(cfg.dtype, world.device)
 
     tokenizer = load_pretrained(AutoTokenizer, cfg.model)
     if cfg.chat_template:
         if not tokenizer.chat_template:
             fail(f"--chat_template: the tokenizer of {cfg.model} has no chat template")
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                   for p in prompts]
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
     ids = encode(tokenizer, prompts, cfg.add_bos_token)
     stop = STOP + ((tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False),)
                    if tokenizer.eos_token_id is not None else ())
-    pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0) if t is not None)
     # the harness's batches: longest first, then by text (an out-of-memory shows at once). Each process takes whole
     # batches, so a batch (hence its padding and numerics) is the same for any number of processes.
     order = sorted(range(n), key=lambda i: (-len(ids[i]), prompts[i]))
-    batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)][rank::world_size]
+    batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)][world.rank::world.size]
 
-    model = load_pretrained(AutoModelForCausalLM, cfg.model, dtype=dtype).to(device).eval()
-    print0(f"processes {world_size} | device {device.type} | dtype {dtype} | questions {n} | shots {cfg.num_fewshot} | "
-           f"chat template {cfg.chat_template} | mean prompt tokens {sum(map(len, ids)) / n:.0f}")
+    model = load_pretrained(AutoModelForCausalLM, cfg.model, dtype=dtype).to(world.device).eval()
+    pad_id = padding_id(tokenizer, model.get_input_embeddings().num_embeddings, cfg.model)
+    print0(f"processes {world.size} | device {world.device.type} | dtype {dtype} | questions {n} | shots "
+           f"{cfg.num_fewshot} | chat template {cfg.chat_template} | mean prompt tokens {sum(map(len, ids)) / n:.0f}")
     start, records = time.time(), []
-    bar = tqdm(total=sum(map(len, batches)), desc=f"gsm8k (process 0 of {world_size})", unit="question",
-               disable=rank != 0)
+    bar = tqdm(total=sum(map(len, batches)), desc=f"gsm8k (process 0 of {world.size})", unit="question",
+               disable=world.rank != 0)
     for batch in batches:
-        for i, text in zip(batch, generate(model, tokenizer, [ids[i] for i in batch], cfg.max_new_tokens, stop, pad_id)):
+        texts = generate(model, tokenizer, [ids[i] for i in batch], cfg.max_new_tokens, stop, pad_id)
+        for i, text in zip(batch, texts):
             strict, flexible = extract(text, stop)
             correct = score(text, test_docs[i]["answer"], stop)
             records.append(dict(index=i, prompt=prompts[i], generation=text, strict_answer=strict,
@@ -236,9 +252,9 @@ def main(cfg):
         bar.set_postfix(strict=f"{sum(r['strict_correct'] for r in records) / len(records):.3f}",
                         flexible=f"{sum(r['flexible_correct'] for r in records) / len(records):.3f}")
     bar.close()
-    parts = [None] * world_size
+    parts = [None] * world.size
     dist.all_gather_object(parts, records)
-    if rank == 0:
+    if world.rank == 0:
         records = sorted((r for part in parts for r in part), key=lambda r: r["index"])
         seconds = time.time() - start
         metrics = {}
@@ -248,8 +264,9 @@ def main(cfg):
         summary = dict(model=cfg.model, task="gsm8k (lm-evaluation-harness v3.0)", questions=n, **metrics,
                        invalid=dict(strict=sum(r["strict_answer"] == INVALID for r in records),
                                     flexible=sum(r["flexible_answer"] == INVALID for r in records)),
-                       settings=dict(dataclasses.asdict(cfg), dtype=str(dtype).removeprefix("torch."), stop=list(stop)),
-                       runtime=dict(processes=world_size, device=device.type, seconds=round(seconds, 1),
+                       settings=dict(dataclasses.asdict(cfg), dtype=str(dtype).removeprefix("torch."),
+                                     stop=list(stop)),
+                       runtime=dict(processes=world.size, device=world.device.type, seconds=round(seconds, 1),
                                     questions_per_s=round(n / seconds, 3)))
         os.makedirs(output, exist_ok=True)
         atomic_write(os.path.join(output, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in records))

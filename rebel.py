@@ -1,26 +1,23 @@
 """REBEL: Reinforcement Learning via Regressing Relative Rewards (Gao et al. 2024, arXiv 2404.16767).
 
-Trains a causal LM on preference pairs (prompt, chosen, rejected, chosen_reward, rejected_reward) by regressing
-the difference of two policy/reference log-ratios onto the scaled difference of the two rewards:
+REBEL trains a policy πθ by regressing the difference of two log-ratios onto the scaled difference of two rewards:
 
-    loss = ( [log πθ(y|x) − log πref(y|x)] − [log πθ(y'|x) − log πref(y'|x)] − η·(r(x,y) − r(x,y')) )²
+    loss = ( [log πθ(y|x) − log πref(y|x)] − [log πθ(y'|x) − log πref(y'|x)] − η·(r(x,y) − r(x,y')) )²     (Eq. 1)
 
-πref is the policy at the start of the iteration; its log-probs are computed once, before the first update, and
-cached in output_dir/ref_logprobs.jsonl. The training loop is plain PyTorch with FSDP2 (`fully_shard`). Pairs made by
-generate.py → score.py carry the sampled token ids, and exactly those tokens are trained; text-only pairs are
-tokenised with the chat template the way sampling would have produced them.
+Offline (default; REBEL-Llama-3-Armo-iter_k): pairs (prompt x, chosen y, rejected y', rewards) come from generate.py
+→ score.py or a released dataset, and the sampled token ids they carry are exactly the tokens trained; πref is the
+policy at the start of the run, its log-probs computed once (cached in output_dir/ref_logprobs.jsonl). Plain PyTorch
+with FSDP2 (`fully_shard`). Defaults reproduce REBEL-Llama-3-Armo-iter_1 (Meta-Llama-3-8B-Instruct, η 1e6).
 
-Defaults reproduce REBEL-Llama-3-Armo-iter_1 (Meta-Llama-3-8B-Instruct on Cornell-AGI/Ultrafeedback-Llama-3-Armo-iter_1).
-
-    # one process (CPU or one GPU), e.g. a tiny run:
+    # one process (CPU or one GPU), a tiny run:
     python rebel.py --model path/to/model --dataset pairs.jsonl --total_episodes 64 --batch_size 8
-    # settings from a YAML or JSON file (one `field: value` per line); flags given too override the file:
-    python rebel.py run.yaml --output_dir runs/other
+    # settings from a YAML or JSON file (`field: value` lines); flags given too override the file:
+    python rebel.py --config run.yaml --output_dir runs/other
     # one node, 8 GPUs (the paper's run):
     torchrun --nproc_per_node=8 rebel.py --output_dir runs/iter_1
-    # several nodes (run on every node; see README for SLURM):
+    # several nodes (run on every node; README: SLURM):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 rebel.py
-    # resume after a crash: the same command plus --resume
+    # resume after a crash or a job's time limit: the same command plus --resume
 """
 import dataclasses
 import datetime
@@ -45,487 +42,434 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-def arg(default, help):
-    """A config field with its one-line --help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def arg(default, help, valid=None):
+    """A setting, with its --help text and its valid interval ("(0, inf)", "[0, 1)", ...), checked before any work."""
+    return dataclasses.field(default=default, metadata=dict(help=help + (f" (valid: {valid})" if valid else "")))
 
 
 @dataclass
 class Config:
     model: str = arg("meta-llama/Meta-Llama-3-8B-Instruct", "policy to train (Hub id or local folder); also πref")
-    dataset: str = arg("Cornell-AGI/Ultrafeedback-Llama-3-Armo-iter_1", "Hub id, datasets folder, or .json/.jsonl/.parquet file")
+    dataset: str = arg("Cornell-AGI/Ultrafeedback-Llama-3-Armo-iter_1", "Hub id, datasets folder, or "
+                       ".json/.jsonl/.parquet file of pairs")
     train_split: str = arg("train_prefs", "split to train on")
-    eval_split: str = arg("test_prefs", "split to evaluate on; if the data has none, eval_size pairs are held out")
-    eval_size: int = arg(1000, "pairs held out (seeded) for evaluation when the data has no eval split")
-    output_dir: str = arg("runs/rebel", "where metrics, reference log-probs, checkpoints and the final model go")
-    eta: float = arg(1e6, "η > 0: the regression target is η·(r_chosen − r_rejected)")
-    lr: float = arg(3e-7, "peak learning rate (AdamW)")
-    beta1: float = arg(0.9, "AdamW β1")
-    beta2: float = arg(0.95, "AdamW β2")
-    adam_eps: float = arg(1e-8, "AdamW ε")
-    weight_decay: float = arg(1e-6, "AdamW weight decay")
-    warmup_ratio: float = arg(0.1, "fraction of updates with linear warm-up; cosine decay to 0 afterwards")
-    temperature: float = arg(0.8, "logits are divided by this before log-softmax (the sampling temperature)")
-    total_episodes: int = arg(60000, "pairs to train on in total (updates = total_episodes // batch_size)")
-    batch_size: int = arg(128, "pairs per update, over all processes")
-    micro_batch_size: int = arg(2, "pairs per forward per process (2 sequences each)")
-    eval_micro_batch_size: int = arg(8, "pairs per forward per process in the no-grad reference and eval passes")
-    max_prompt_len: int = arg(1024, "drop pairs whose templated prompt is longer (tokens)")
-    max_response_len: int = arg(2048, "drop pairs with a longer response (tokens, end-of-turn included)")
-    max_grad_norm: float = arg(0.0, "clip the gradient norm to this; 0 = no clipping (the paper)")
-    dtype: Literal["auto", "bfloat16", "float32"] = arg("auto", "compute dtype: auto = bfloat16 on GPU, float32 on CPU; master weights are fp32")
+    eval_split: str = arg("test_prefs", "split to evaluate on; without it, eval_size pairs are held out")
+    eval_size: int = arg(1000, "pairs held out (seeded) when the data has no eval split", "[0, inf)")
+    output_dir: str = arg("runs/rebel", "where metrics, reference log-probs, checkpoints and final/ go")
+    eta: float = arg(1e6, "η: the regression target is η·(r_chosen − r_rejected)", "(0, inf)")
+    lr: float = arg(3e-7, "peak learning rate (AdamW)", "(0, inf)")
+    beta1: float = arg(0.9, "AdamW β1", "[0, 1)")
+    beta2: float = arg(0.95, "AdamW β2", "[0, 1)")
+    adam_eps: float = arg(1e-8, "AdamW ε", "(0, inf)")
+    weight_decay: float = arg(1e-6, "AdamW weight decay", "[0, inf)")
+    warmup_ratio: float = arg(0.1, "fraction of updates with linear warm-up, then cosine decay to 0", "[0, 1]")
+    temperature: float = arg(0.8, "logits are divided by this before log-softmax (the sampling temperature)",
+                             "(0, inf)")
+    total_episodes: int = arg(60000, "pairs to train on (updates = total_episodes // batch_size)", "[1, inf)")
+    batch_size: int = arg(128, "pairs per update, over all processes", "[1, inf)")
+    micro_batch_size: int = arg(2, "pairs per forward per process (2 sequences each)", "[1, inf)")
+    eval_micro_batch_size: int = arg(8, "pairs per no-grad forward (reference and eval passes)", "[1, inf)")
+    max_prompt_len: int = arg(1024, "drop pairs whose templated prompt is longer (tokens)", "[1, inf)")
+    max_response_len: int = arg(2048, "drop pairs with a longer response (tokens, end-of-turn included)",
+                                "[1, inf)")
+    max_grad_norm: float = arg(0.0, "clip the gradient norm to this; 0 = no clipping (the paper)", "[0, inf)")
+    dtype: Literal["auto", "bfloat16", "float32"] = arg("auto", "compute dtype: auto = bfloat16 on GPU, float32 on "
+                                                        "CPU; master weights are fp32")
     activation_checkpointing: bool = arg(True, "recompute decoder layers in backward to save memory")
-    logprob_chunk: int = arg(256, "response tokens per lm_head chunk (bounds the memory of the logits)")
-    seed: int = arg(555134, "seed of data order and eval hold-out")
-    eval_every: int = arg(50, "evaluate every this many updates (and at start and end); 0 = only at start and end")
-    save_every: int = arg(100, "resumable checkpoint every this many updates; 0 = only at the end")
+    logprob_chunk: int = arg(256, "response tokens per lm_head chunk (bounds the logits' memory)", "[1, inf)")
+    seed: int = arg(555134, "seed of the data order and the eval hold-out", "[0, 4294967296)")
+    eval_every: int = arg(50, "evaluate every this many updates (and at start and end); 0 = start and end only",
+                          "[0, inf)")
+    save_every: int = arg(100, "resumable checkpoint every this many updates; 0 = at the end only", "[0, inf)")
     resume: bool = arg(False, "continue from the last checkpoint in output_dir")
-    stop_after: int = arg(0, "end this run after this many updates, with a checkpoint (e.g. a job's time limit); 0 = run to the end")
+    stop_after: int = arg(0, "end this run after this many updates, with a checkpoint (a job's time limit); "
+                          "0 = run to the end", "[0, inf)")
     save_final: bool = arg(True, "write a consolidated Hugging Face model to output_dir/final")
-    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send metrics.jsonl's records to this tracker (rank 0)")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send metrics.jsonl's records to this "
+                                                             "tracker (rank 0)")
 
     def __post_init__(self):
-        check_config(self, eta="(0, inf)", lr="(0, inf)", beta1="[0, 1)", beta2="[0, 1)", adam_eps="(0, inf)",
-                     weight_decay="[0, inf)", warmup_ratio="[0, 1]", temperature="(0, inf)", total_episodes="[1, inf)",
-                     batch_size="[1, inf)", micro_batch_size="[1, inf)", eval_micro_batch_size="[1, inf)",
-                     eval_size="[0, inf)", max_prompt_len="[1, inf)", max_response_len="[1, inf)",
-                     max_grad_norm="[0, inf)", logprob_chunk="[1, inf)", eval_every="[0, inf)", save_every="[0, inf)",
-                     stop_after="[0, inf)", seed="[0, 4294967296)")
+        check_config(self)
 
 
-# what a resumed run may not change: it would change the data, the reference or the optimisation already done
-# (not the --dataset path: the pairs themselves are compared, so a resume may name the same file by another path)
-FIXED_ON_RESUME = ("train_split", "eval_split", "eval_size", "seed", "eta", "lr", "beta1", "beta2",
-                   "adam_eps", "weight_decay", "warmup_ratio", "temperature", "total_episodes", "batch_size",
-                   "max_prompt_len", "max_response_len", "max_grad_norm", "dtype")
+# ----------------------------------------------------------------------------- the REBEL math
+
+def rebel_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, reward_chosen, reward_rejected, eta):
+    """The REBEL regression of Eq. (1), Gao et al. 2024, per pair, in the authors' code form (η² times the paper's
+    1/η-scaled one: the same minimiser). Shape: every argument [pairs] → [pairs]. Log-probs are summed over a
+    response's tokens (nats); rewards are in the reward's units and η converts them to nats; the result is nats².
+
+        ( [ln πθ(y|x) − ln πref(y|x)] − [ln πθ(y'|x) − ln πref(y'|x)] − η·(r(x,y) − r(x,y')) )²
+    """
+    logratio_diff = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
+    return (logratio_diff - eta * (reward_chosen - reward_rejected)) ** 2  # Eq. (1)
 
 
-# ----------------------------------------------------------------------------- helpers shared with sibling scripts
-
-def parse_config(cls, argv=None):
-    """A config from the command line with transformers' HfArgumentParser (`--help` lists every field with its doc and
-    default; booleans: `--flag`, `--flag false`), optionally from a YAML or JSON file, `--config run.yaml` or the file
-    alone as HF's example scripts take it, whose settings the flags given with it override."""
-    from transformers import HfArgumentParser
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        argv.insert(0, "--config")
-    parser = HfArgumentParser(cls, description=sys.modules[cls.__module__].__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML or JSON file of settings (field: value); flags given too override it")
-    path = parser.parse_known_args(argv)[0].config
-    if path:
-        parser.set_defaults(**read_settings(path, cls))
-    cfg, *_, unknown = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=True)
-    if unknown:
-        files = [a for a in unknown if a.endswith((".yaml", ".yml", ".json"))]
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)"
-                     + (f"; a settings file goes first or after --config: --config {files[0]}" if files else ""))
-    return cfg
+def token_logprobs(hidden, weight, targets, temperature):
+    """log softmax(h·Wᵀ / T)[target] of a chunk of positions: hidden [n, d], weight [vocab, d], targets [n] → [n] nats,
+    in fp32 (dividing in place: no second vocabulary-sized copy)."""
+    logits = F.linear(hidden, weight).float().div_(temperature)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def read_settings(path, cls):
-    import yaml  # PyYAML: a dependency of transformers
-    try:
-        with open(path) as f:
-            settings = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        fail(f"--config {path}: {str(e).splitlines()[0]}")
-    if not isinstance(settings, dict):
-        fail(f"--config {path}: expected a mapping of setting: value, got {type(settings).__name__}")
-    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - set(kinds))
-    if unknown:
-        fail(f"--config {path}: unknown settings {', '.join(unknown)} (see --help)")
-    for name, value in settings.items():
-        try:
-            settings[name] = as_kind(value, kinds[name])
-        except ValueError as e:
-            fail(f"--config {path}: {name} {e}")
-    return settings
+def response_logprobs(self, input_ids, token_at, sequence_of, temperature, chunk_size):
+    """log π(y|x) = Σₜ log π(yₜ | x, y<ₜ) of each sequence's response, at `temperature`: input_ids [S, W] and the
+    index of every response token (see `collate`) → [S] nats. A method of the policy (registered with FSDP so that the
+    root's parameters are gathered around it). The full-vocabulary logits are built only for response positions,
+    `chunk_size` at a time, each chunk recomputed in backward rather than stored."""
+    hidden = self.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_at)  # [response tokens, d]
+    targets = input_ids.reshape(-1).index_select(0, token_at + 1)  # position p predicts token p + 1
+    weight = self.get_output_embeddings().weight
+    pieces = []
+    for s in range(0, len(targets), chunk_size):
+        args = (hidden[s:s + chunk_size], weight, targets[s:s + chunk_size], temperature)
+        pieces.append(torch.utils.checkpoint.checkpoint(token_logprobs, *args, use_reentrant=False)
+                      if torch.is_grad_enabled() else token_logprobs(*args))
+    per_token = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, sequence_of, per_token)
 
 
-def as_kind(value, kind):
-    """`value` as a setting of type `kind` (int, float, bool, str or a Literal) takes it, a string read as a flag's
-    would be (YAML reads 3e-7 as a string). Raises ValueError saying what was expected."""
-    from argparse import ArgumentTypeError
+# ----------------------------------------------------------------------------- batches
 
-    from transformers.hf_argparser import string_to_bool
-    if typing.get_origin(kind) is Literal:
-        if value in typing.get_args(kind):
-            return value
-        raise ValueError(f"must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
-    if isinstance(value, str) and kind in (int, float, bool):
-        try:
-            value = string_to_bool(value) if kind is bool else kind(value)
-        except (ValueError, ArgumentTypeError):
-            pass
-    if kind is float and type(value) is int:
-        value = float(value)
-    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
-        if kind is float and not math.isfinite(value):
-            raise ValueError(f"must be a finite number, got {value}")
-        return value
-    raise ValueError(f"must be {dict(int='an integer', float='a number', bool='true or false', str='a string')[kind.__name__]}, got {value!r}")
+def pair_tokens(pair):
+    return 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
 
 
-def check_config(cfg, **intervals):
-    """Fail with one line on a setting of the wrong type, not among a Literal's values, or outside its interval
-    ("(0, inf)", "[0, 1)", ...), before any data or model is loaded. --report_to's package must be importable."""
-    for f in dataclasses.fields(cfg):
-        try:
-            setattr(cfg, f.name, as_kind(getattr(cfg, f.name), f.type))
-        except ValueError as e:
-            fail(f"--{f.name} {e}")
-    for name, interval in intervals.items():
-        (low, high), value = map(float, interval[1:-1].split(",")), getattr(cfg, name)
-        if not ((low < value if interval[0] == "(" else low <= value) and (value < high if interval[-1] == ")" else value <= high)):
-            need = f"{'>' if interval[0] == '(' else '>='} {low:g}" if high == math.inf else f"in {interval}"
-            fail(f"--{name} must be {need}, got {value}")
-    if getattr(cfg, "report_to", "none") != "none":
-        package = {"wandb": "wandb", "tensorboard": "torch.utils.tensorboard"}[cfg.report_to]
-        try:
-            __import__(package)
-        except ImportError:
-            fail(f"--report_to {cfg.report_to}: the package is not installed (pip install {cfg.report_to})")
+def epoch_order(num_pairs, seed, epoch):
+    """A permutation of the pairs that depends only on (seed, epoch): never on the number of processes."""
+    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def init_distributed():
-    """(rank, world_size, device). Under torchrun: NCCL on GPU, gloo on CPU. Alone: a 1-process gloo group, so
-    the same FSDP code runs everywhere."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        backend, gpu = ("nccl", device) if device.type == "cuda" else ("gloo", None)
-        if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=gpu)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=gpu)
-    return rank, world_size, device
+def global_batch(num_pairs, batch_size, update, seed):
+    """Pair indices of update `update` (0-based): consecutive slices of an endless stream of seeded epoch orders."""
+    stream_start, picked = update * batch_size, []
+    while len(picked) < batch_size:
+        epoch, offset = divmod(stream_start + len(picked), num_pairs)
+        picked += epoch_order(num_pairs, seed, epoch)[offset:offset + batch_size - len(picked)]
+    return picked
 
 
-def from_rank0(value):
-    """Rank 0's value on every rank: decisions read from a shared filesystem must not differ between processes."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def padded_width(pair):
+    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
 
 
-def print0(*args):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
+def micro_batches(pairs, picked, micro_batch_size):
+    """The pairs at indices `picked`, longest first (an out-of-memory shows at once), cut into micro-batches, so that
+    each pads only to a similar neighbour's length."""
+    ordered = sorted(picked, key=lambda i: (-padded_width(pairs[i]), i))
+    return [[pairs[i] for i in ordered[s:s + micro_batch_size]] for s in range(0, len(ordered), micro_batch_size)]
 
 
-def fail(message):
-    """One clear line for the user, then exit (before any expensive work where possible)."""
-    raise SystemExit(f"error: {message}")
+def for_rank(batches, rank, world_size):
+    """Micro-batches dealt round-robin (sorted by length: ranks get similar work). Every rank must run as many forwards
+    under FSDP, so short ranks get `None` placeholders: run them as dummies, drop the result."""
+    mine = batches[rank::world_size]
+    return mine + [None] * (math.ceil(len(batches) / world_size) - len(mine))
 
 
-def run_script(main, cls, how_to_continue, argv=None):
-    """main(its config from the command line); Ctrl-C ends with one line saying how to continue, not a traceback."""
-    try:
-        main(parse_config(cls, argv))
-    except KeyboardInterrupt:
-        print0(f"\ninterrupted: {how_to_continue}")
-        raise SystemExit(130) from None
+def collate(sequences):
+    """input_ids [S, W]: S (prompt ids, response ids) sequences, right-padded to the longest. Causal attention never
+    looks right, so pads need no mask and their id is never seen: 0 (in every vocabulary; a tokenizer's pad id may
+    not be, e.g. REBEL-Llama-3's [PAD]). token_at [n] indexes the flattened [S × W] hidden states that predict the n
+    response tokens (end-of-turn included), one position before each; sequence_of [n] is each one's sequence. Built
+    on the CPU, so the GPU never waits on a boolean mask."""
+    width = max(len(q) + len(r) for q, r in sequences)
+    input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    token_at, sequence_of = [], []
+    for s, (q, r) in enumerate(sequences):
+        input_ids[s, :len(q) + len(r)] = torch.tensor(q + r)
+        token_at += range(s * width + len(q) - 1, s * width + len(q) + len(r) - 1)
+        sequence_of += [s] * len(r)
+    return input_ids, torch.tensor(token_at), torch.tensor(sequence_of)
 
 
-def atomic_write(path, text):
-    """Write a file so that a crash leaves either the old or the new version, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def pair_sequences(pairs):
+    """The chosen sequences, then the rejected ones."""
+    return [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def to_device(tensors, device):
+    """Pinned host memory and non-blocking copies on GPU: the CPU keeps queueing work while the GPU computes."""
+    return [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in tensors]
 
 
-def read_jsonl(path):
-    """The records of a .jsonl file, and how many lines could not be parsed (a line cut by a full disk or a kill)."""
-    records, bad = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1
-    return records, bad
+# ----------------------------------------------------------------------------- passes over the pairs
+
+def policy_logprobs(model, pairs, cfg, world):
+    """[2, pairs] log π of the chosen (row 0) and rejected (row 1) responses of one micro-batch, nats, on the device."""
+    sequences = to_device(collate(pair_sequences(pairs)), world.device)
+    return model.response_logprobs(*sequences, cfg.temperature, cfg.logprob_chunk).view(2, len(pairs))
 
 
-HELD_LOCKS = {}  # lock file -> its open handle, held until this process ends
+@torch.no_grad()
+def all_logprobs(model, sequences, cfg, world, desc):
+    """[S] log π(response | prompt) of S (prompt ids, response ids) sequences: sorted by length into micro-batches of
+    2·eval_micro_batch_size (independent of the number of processes), dealt over the processes, gathered."""
+    order = sorted(range(len(sequences)), key=lambda s: (-sum(map(len, sequences[s])), s))
+    size = 2 * cfg.eval_micro_batch_size
+    batches = [order[s:s + size] for s in range(0, len(order), size)]
+    done = []
+    for batch in tqdm(for_rank(batches, world.rank, world.size), desc=desc, unit="batch", disable=world.rank != 0,
+                      leave=False):
+        inputs = to_device(collate([sequences[s] for s in batch or batches[0]]), world.device)
+        logps = model.response_logprobs(*inputs, cfg.temperature, cfg.logprob_chunk)
+        if batch is not None:
+            done.append((batch, logps))  # kept on the device: one host sync at the end
+    results = [(s, logp) for batch, logps in done for s, logp in zip(batch, logps.tolist())]
+    model.reshard()  # FSDP keeps the root unsharded after a forward with no backward; the optimizer needs the shards
+    gathered = [None] * world.size
+    dist.all_gather_object(gathered, results)
+    logps = [0.0] * len(sequences)
+    for s, logp in (r for part in gathered for r in part):
+        logps[s] = logp
+    return logps
 
 
-def lock_folder(folder):
-    """Take an exclusive lock on folder/.lock (POSIX flock) for the rest of this process; False when another process
-    holds it: two runs writing one folder would mix their checkpoints and metrics."""
-    import fcntl
-    path = os.path.realpath(os.path.join(folder, ".lock"))
-    if path not in HELD_LOCKS:
-        handle = open(path, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            return False
-        HELD_LOCKS[path] = handle
-    return True
+def pair_logprobs(model, pairs, cfg, world, desc):
+    """{pair index: (log π(chosen), log π(rejected))} of every pair."""
+    logps = all_logprobs(model, pair_sequences(pairs), cfg, world, desc)
+    return {p["index"]: (logps[n], logps[n + len(pairs)]) for n, p in enumerate(pairs)}
 
 
-def check_writable(folder, what):
-    """Fail now, not after hours of work, if `folder` cannot be created or written."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        atomic_write(os.path.join(folder, f".write_test{os.getpid()}"), "")
-        os.remove(os.path.join(folder, f".write_test{os.getpid()}"))
-    except OSError as e:
-        fail(f"{what} {folder}: cannot write there ({e.strerror or e})")
+def reference_logprobs(model, splits, cfg, world, run_key):
+    """log πref of every train and eval pair: the starting policy's, computed with the training code before the first
+    update, so that the first update's log-ratios are exactly 0. Reused from output_dir's cache when `run_key` (the
+    model files, the pairs' tokens, temperature and dtype) is the one it was made with."""
+    ref_logps = read_reference_cache(cfg.output_dir, splits, run_key)
+    if ref_logps is None:
+        start = time.time()
+        ref_logps = {split: pair_logprobs(model, pairs, cfg, world, f"reference log-probs ({split})")
+                     for split, pairs in splits.items()}
+        n, seconds = sum(map(len, splits.values())), time.time() - start
+        print0(f"reference log-probs: {n} pairs in {seconds:.1f}s ({n / seconds:.1f} pairs/s)")
+        if world.rank == 0:
+            write_reference_cache(cfg.output_dir, ref_logps, run_key)
+    return ref_logps
 
 
-def load_split(source, split):
-    """A datasets.Dataset from a Hub id, a folder saved by `save_to_disk`, a folder of data files, or one
-    .json/.jsonl/.parquet file (which has a single split, 'train'). Returns None when the split does not exist."""
-    import datasets
-    kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    check_data_source(source)
-    if os.path.isfile(source):
-        kind = kinds.get(os.path.splitext(source)[1])
-        if kind is None:
-            fail(f"{source}: expected a .json, .jsonl or .parquet file")
-        if split != "train":
-            return None
-        try:
-            return datasets.load_dataset(kind, data_files={"train": source}, split="train")
-        except Exception as e:  # noqa: BLE001 — name the file and, for JSON lines, the line
-            fail(f"{source}: {(kind == 'json' and describe_bad_file(source)) or f'could not be read ({type(e).__name__})'}")
-    if os.path.isdir(source) and (os.path.exists(os.path.join(source, "dataset_dict.json"))
-                                  or os.path.exists(os.path.join(source, "dataset_info.json"))):
-        data = datasets.load_from_disk(source)
-        if isinstance(data, datasets.Dataset):
-            return data if split == "train" else None
-        return data[split] if split in data else None
-    try:
-        available = datasets.get_dataset_split_names(source)
-    except Exception as e:  # noqa: BLE001 — any loading failure is reported in one line
-        fail(f"dataset {source!r} could not be opened: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    return datasets.load_dataset(source, split=split) if split in available else None
+def train_step(model, optimizer, batch, ref_logps, cfg, world, update):
+    """One optimizer step on the mean REBEL loss over `batch` (all processes' pairs): each process runs its
+    micro-batches and divides by its share of the batch; FSDP averages the gradients over processes, giving the
+    global batch mean. Returns the batch's mean loss and log-ratios, the gradient norm and the tokens it trained."""
+    sums = torch.zeros(4, dtype=torch.float64, device=world.device)  # Σ loss, Σ log-ratio chosen, rejected, tokens
+    for pairs in micro_batches(batch, range(len(batch)), cfg.micro_batch_size)[world.rank::world.size]:
+        logp_c, logp_r = policy_logprobs(model, pairs, cfg, world).double()
+        # float64 for these few numbers (free): η·Δr is ~1e4 with η = 1e6
+        ref_c, ref_r, reward_c, reward_r, tokens = to_device([torch.tensor(
+            [[*ref_logps[p["index"]], p["chosen_reward"], p["rejected_reward"], pair_tokens(p)] for p in pairs],
+            dtype=torch.float64)], world.device)[0].T
+        losses = rebel_loss(logp_c, logp_r, ref_c, ref_r, reward_c, reward_r, cfg.eta)
+        (losses.sum() / (len(batch) // world.size)).backward()
+        sums += torch.stack([losses.sum(), (logp_c - ref_c).sum(), (logp_r - ref_r).sum(), tokens.sum()]).detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    dist.all_reduce(sums)
+    loss, logratio_chosen, logratio_rejected, tokens = (s / len(batch) for s in sums.tolist())
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        fail(f"non-finite loss {loss} (grad norm {grad_norm}) at update {update + 1}; stopping without saving "
+             f"(last good checkpoint: {latest_checkpoint(cfg.output_dir)})")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss, logratio_chosen=logratio_chosen, logratio_rejected=logratio_rejected,
+                grad_norm=grad_norm, tokens=tokens * len(batch))
 
 
-def check_data_source(source):
-    """Fail in one line, before a model or tokenizer is fetched, on data that is neither a file or folder here nor a Hub id."""
-    if not os.path.exists(source):
-        if source.endswith((".json", ".jsonl", ".parquet")):
-            fail(f"{source}: no such file")
-        if source.count("/") != 1:
-            fail(f"dataset {source!r}: no such file or folder, and not a Hub id (owner/name)")
+def evaluate(model, pairs, ref_logps, cfg, world):
+    """Validation loss, and sign agreement: the fraction of pairs whose chosen-minus-rejected log-ratio has the sign
+    of Δr."""
+    logps = pair_logprobs(model, pairs, cfg, world, "eval")
+    logp_c, logp_r, ref_c, ref_r = (torch.tensor([v[p["index"]][k] for p in pairs], dtype=torch.float64)
+                                    for v, k in ((logps, 0), (logps, 1), (ref_logps, 0), (ref_logps, 1)))
+    reward_c, reward_r = (torch.tensor([p[k] for p in pairs], dtype=torch.float64)
+                          for k in ("chosen_reward", "rejected_reward"))
+    loss = rebel_loss(logp_c, logp_r, ref_c, ref_r, reward_c, reward_r, cfg.eta).mean().item()
+    sign_align = ((((logp_c - ref_c) - (logp_r - ref_r)) * (reward_c - reward_r)) > 0).double().mean().item()
+    return dict(val_loss=loss, sign_align=sign_align)
 
 
-def describe_bad_file(path):
-    """Why `datasets` could not read a .json/.jsonl file: empty, or the first line that is not a JSON object."""
-    if os.path.getsize(path) == 0:
-        return "the file is empty"
-    with open(path, errors="replace") as f:
-        text = f.read()
-    try:
-        json.loads(text)
-        return None  # one valid JSON document: datasets' own complaint is the story
-    except json.JSONDecodeError:
-        pass
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            if line.strip() and not isinstance(json.loads(line), dict):
-                return f"line {n}: expected a JSON object"
-        except json.JSONDecodeError as e:
-            return f"line {n}: not valid JSON ({e.msg})"
-    return None
+def lr_at(update, num_updates, cfg):
+    """Linear warm-up over the first warmup_ratio of the updates, then cosine decay to 0. Update 0 gets lr/warmup
+    (the authors' HF scheduler gives it 0, a wasted update)."""
+    warmup = int(cfg.warmup_ratio * num_updates)
+    if update < warmup:
+        return cfg.lr * (update + 1) / warmup
+    progress = (update - warmup) / max(1, num_updates - warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def check_prompt_column(data, column, where):
-    """Fail on a column that mixes strings and message lists: `datasets` then keeps it as JSON and decodes every string
-    that looks like JSON ('"hi"' becomes hi, '[{"role": ...}]' a conversation), so prompts would change silently."""
-    if type(data.features.get(column)).__name__ == "Json":
-        fail(f"{where}: column {column!r} mixes strings and lists, which datasets reads back as JSON (a string prompt that "
-             "looks like JSON would change): give every prompt as a string, or every prompt as a list of messages")
+# ----------------------------------------------------------------------------- the model
 
+def build_model(cfg, world, dtype):
+    """The policy under FSDP2: fp32 master weights, `fully_shard` on every decoder layer then the root, `dtype` compute
+    (bf16 on GPU), dropout off (log-probs must be deterministic, as the paper's). Only rank 0 reads the checkpoint (one
+    fp32 copy in host memory, not one per process); the others build the model on the meta device and receive their
+    shards from it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from transformers import AutoModelForCausalLM
+    config = load_model_config(cfg.model, attention_dropout=0.0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    loaded = on_rank0(load_pretrained, AutoModelForCausalLM, cfg.model, config=config, dtype=torch.float32,
+                      share=False)
+    full = loaded.state_dict() if world.rank == 0 else {}
+    buffers = {n: b for n, b in loaded.named_buffers() if n not in full} if world.rank == 0 else None  # rotary's
+    if world.rank == 0:
+        model.generation_config = loaded.generation_config  # Llama-3's two stop tokens, saved with the final model
+    model.starting_dtype = config.dtype or torch.float32  # final/ is saved in it (bf16 for Llama-3)
+    check_architecture(cfg.model, model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+    if cfg.activation_checkpointing:
+        # transformers < 5.23 only has the older name, gradient_checkpointing_enable (same arguments)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    model.train()  # (activation checkpointing only acts in train mode)
+    mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=mixed_precision)
+    fully_shard(model, mp_policy=mixed_precision)
+    model.to_empty(device=world.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, value in from_rank0(buffers).items():
+        model.get_buffer(name).copy_(value)
+    model.response_logprobs = response_logprobs.__get__(model)  # a method, so that FSDP can gather the root around it
+    register_fsdp_forward_method(model, "response_logprobs")
+    return model
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(cfg):
+    world = init_distributed()
+    accumulation, num_updates = derived_sizes(cfg, world)
+    checkpoint, state = open_run_folder(cfg)  # a checkpoint to resume from, and what it was made with
+    dtype = compute_dtype(cfg.dtype, world.device)
+
+    # data: read, validate and tokenise every pair before the model is loaded
+    tokenizer = load_tokenizer(cfg.model)
+    train_pairs, eval_pairs = load_pairs(cfg, tokenizer, vocab_size(load_model_config(cfg.model)), world)
+    splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
+    mean_tokens = sum(map(pair_tokens, train_pairs)) / len(train_pairs)
+    print0(f"processes {world.size} | device {world.device.type} | compute dtype {dtype} | train pairs "
+           f"{len(train_pairs)} | eval pairs {len(eval_pairs)} | mean tokens per pair {mean_tokens:.0f}\n"
+           f"updates {num_updates} of {cfg.batch_size} pairs = {cfg.micro_batch_size} per forward × {accumulation} "
+           f"accumulation × {world.size} processes | warm-up {int(cfg.warmup_ratio * num_updates)} updates | "
+           f"epochs {num_updates * cfg.batch_size / len(train_pairs):.2f} | "
+           f"{cfg.total_episodes - num_updates * cfg.batch_size} of total_episodes left over (not a whole batch)")
+
+    model = build_model(cfg, world, dtype)
+    inputs = dict(model_files=from_rank0(files_fingerprint(cfg.model) if world.rank == 0 else None),
+                  data=data_fingerprint(splits))
+    if check_resume(cfg, checkpoint, state, inputs, num_updates) == "finished":
+        return dist.destroy_process_group()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    run_key = [inputs["model_files"], data_fingerprint(splits, rewards=False), cfg.temperature, str(dtype)]
+    ref_logps = reference_logprobs(model, splits, cfg, world, run_key)
+    start_update = load_checkpoint(model, optimizer, checkpoint) if checkpoint else 0
+    log, close_log = open_metrics(cfg, world, resumed_at=start_update if checkpoint else None)
+
+    def log_eval(update):
+        if eval_pairs:
+            record = dict(update=update, **evaluate(model, eval_pairs, ref_logps["eval"], cfg, world))
+            print0(f"eval @ update {update}: val_loss {record['val_loss']:.4g} | sign_align {record['sign_align']:.3f}")
+            log(record)
+
+    if start_update == 0:
+        log_eval(0)
+    bar = tqdm(range(start_update, num_updates), desc="updates", unit="update", disable=world.rank != 0,
+               initial=start_update, total=num_updates)
+    for update in bar:
+        start, lr = time.time(), lr_at(update, num_updates, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [train_pairs[i] for i in global_batch(len(train_pairs), cfg.batch_size, update, cfg.seed)]
+        step = train_step(model, optimizer, batch, ref_logps["train"], cfg, world, update)
+        seconds = time.time() - start
+        record = dict(update=update + 1, loss=step["loss"], logratio_chosen=step["logratio_chosen"],
+                      logratio_rejected=step["logratio_rejected"], lr=lr, grad_norm=step["grad_norm"],
+                      pairs_per_s=cfg.batch_size / seconds, tokens_per_s=step["tokens"] / seconds,
+                      pairs_seen=(update + 1) * cfg.batch_size)
+        log(record)
+        if world.rank == 0:
+            bar.set_postfix(loss=f"{record['loss']:.3g}", pairs_s=f"{record['pairs_per_s']:.1f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            tqdm.write(f"update {update + 1}/{num_updates} | loss {record['loss']:.4g} | logratio chosen "
+                       f"{record['logratio_chosen']:+.4f} rejected {record['logratio_rejected']:+.4f} | lr {lr:.3g} | "
+                       f"grad norm {record['grad_norm']:.3g} | {record['pairs_per_s']:.2f} pairs/s | "
+                       f"{record['tokens_per_s']:.0f} tokens/s")
+        if (cfg.eval_every and (update + 1) % cfg.eval_every == 0) or update + 1 == num_updates:
+            log_eval(update + 1)
+        stop = update + 1 - start_update == cfg.stop_after
+        if (cfg.save_every and (update + 1) % cfg.save_every == 0) or update + 1 == num_updates or stop:
+            save_checkpoint(model, optimizer, cfg, world, dict(update=update + 1, **inputs))
+        if stop and update + 1 < num_updates:
+            print0(f"stopping after {cfg.stop_after} updates (--stop_after); continue with the same command and "
+                   "--resume")
+            close_log()
+            return dist.destroy_process_group()
+    bar.close()
+    if cfg.save_final:
+        print0(f"final model -> {save_final(model, cfg, world)}")
+    close_log()
+    dist.destroy_process_group()
+
+
+# ======================================================================= nothing below this line is REBEL
+# What follows turns files into token ids, keeps the run's state (fingerprints, the reference cache, checkpoints) and
+# holds the plumbing that generate.py, score.py and eval_gsm8k.py share: settings, processes, files, loaders, trackers.
+
+# ----------------------------------------------------------------------------- data → token ids
 
 class BadRow(ValueError):
     """A row that cannot be used. It is dropped and counted with this reason: one bad row never stops a run."""
 
 
-def chat_messages(prompt):
-    """A prompt as chat messages: a string is one user turn; a list of {'role', 'content'} messages must use the roles
-    system, user and assistant, with string contents, and end with a user turn. Raises BadRow saying what is wrong."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise BadRow("the prompt is empty")
-        return [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not prompt:
-        raise BadRow("the prompt must be a string or a non-empty list of {'role', 'content'} messages")
-    for m in prompt:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise BadRow("each message must be {'role': 'system'|'user'|'assistant', 'content': a string}")
-    if prompt[-1]["role"] != "user":
-        raise BadRow(f"the prompt must end with a user turn, not {prompt[-1]['role']!r}")
-    if not prompt[-1]["content"].strip():
-        raise BadRow("the last user turn is empty")
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+def load_pairs(cfg, tokenizer, vocab_size, world):
+    """Train and eval pairs, tokenised and length-filtered. Without an eval split (e.g. one .jsonl file), eval_size
+    seeded rows of the train data are held out and never trained on."""
+    single_file = os.path.isfile(cfg.dataset)  # one data file is one split
+    train_rows = require_split(cfg.dataset, "train" if single_file else cfg.train_split)
+    if not len(train_rows):
+        fail(f"dataset {cfg.dataset!r}: no rows")
+    eval_rows = None if single_file else load_split(cfg.dataset, cfg.eval_split)
+    held_out = set()
+    if eval_rows is None and cfg.eval_size > 0:
+        if cfg.eval_size >= len(train_rows):
+            fail(f"--eval_size {cfg.eval_size} leaves nothing to train on ({len(train_rows)} rows in {cfg.dataset})")
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))
+        held_out = set(order[:cfg.eval_size].tolist())
+        print0(f"no eval split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of the "
+               "train data")
+    sampled = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(train_rows.column_names)
+    print0("tokens: " + ("the sampled token ids (columns prompt_ids, chosen_ids, rejected_ids)" if sampled
+                         else "the chat template of the texts (no sampled token ids in the data)"))
+    if end_of_turn(tokenizer) is None:
+        print0(f"warning: the chat template of {cfg.model} writes no end-of-turn token after an assistant message: the "
+               "end of a response is learned only where a stop token was sampled (never from text-only pairs)")
+    if "temperature" in train_rows.column_names:
+        sampled_at = sorted({t for t in train_rows["temperature"] if isinstance(t, (int, float))
+                             and t != cfg.temperature})
+        if sampled_at:
+            print0(f"warning: the pairs were sampled at temperature {', '.join(map(str, sampled_at))}, but the "
+                   f"log-probs use --temperature {cfg.temperature}: REBEL's log-probs should use the sampling "
+                   "temperature")
+    where = f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]"
+    pairs = tokenize_pairs(train_rows, tokenizer, where, vocab_size, world)
+    train_pairs = [p for p in pairs if p["index"] not in held_out]
+    eval_pairs = [p for p in pairs if p["index"] in held_out]
+    if eval_rows is not None:
+        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", vocab_size, world)
+    train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
+    if eval_pairs:
+        eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
+    return train_pairs, eval_pairs
 
-
-STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
-
-
-def apply_template(tokenizer, messages, date=None, **kwargs):
-    """The chat template's text. `date` (a datetime) fixes what the template's strftime_now("...") writes (Llama-3.2's
-    "Today Date", Mistral Small's, ...), so that a prompt sampled one day is the same prompt the next. A template that
-    raises on a row (e.g. Gemma's on a system turn) raises BadRow."""
-    template = tokenizer.get_chat_template()
-    if date is not None:
-        template = STRFTIME_NOW.sub(lambda m: json.dumps(date.strftime(m.group(2))), template)
-    try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
-    except Exception as e:  # noqa: BLE001 — jinja2's TemplateError and whatever a template's own code raises
-        raise BadRow(f"the chat template raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-
-
-def prompt_tokens(tokenizer, prompt, date=None):
-    """(text, token ids) of the templated prompt + generation prompt: what generate.py samples after. Raises BadRow."""
-    text = apply_template(tokenizer, chat_messages(prompt), date, add_generation_prompt=True)
-    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def end_of_turn(tokenizer):
-    """The special token the chat template writes right after an assistant message (Llama-3 <|eot_id|>, ChatML
-    <|im_end|>, Gemma <end_of_turn>, Mistral </s>), found from the template itself; None when it writes none."""
-    marker = "REBEL-END-OF-TURN-PROBE"
-    try:
-        text = apply_template(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}])
-    except BadRow:
-        return None
-    ids = tokenizer(text[text.rfind(marker) + len(marker):].lstrip(), add_special_tokens=False)["input_ids"] if marker in text else []
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in special else None
-
-
-def count_dropped(dropped, total, where):
-    """Print how many of `total` rows were dropped, by reason, each with its first row: [(row, reason), ...]."""
-    if dropped:
-        first = {}
-        for row, why in sorted(dropped):
-            first.setdefault(why, row)
-        counts = Counter(why for _, why in dropped)
-        print0(f"{where}: dropped {len(dropped)} of {total} rows" + "".join(
-            f" | {n} × {why} (first: row {first[why]})" for why, n in counts.most_common()))
-
-
-def load_tokenizer(name, padding_side="right"):
-    from transformers import AutoTokenizer
-    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        fail(f"model {name!r}: no such folder, and not a Hub id (owner/name)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, padding_side=padding_side)
-    except (OSError, ValueError) as e:  # no such folder or Hub id, no access, offline
-        fail(f"could not load the tokenizer of {name!r}: {str(e).splitlines()[0]}")
-    if not tokenizer.chat_template:
-        fail(f"tokenizer of {name} has no chat template; REBEL formats prompts and responses with it")
-    if tokenizer.pad_token_id is None:  # Llama-3 has none; pads are masked out, so any id does
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        text = apply_template(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    except BadRow:
-        text = ""
-    if tokenizer.bos_token and text.startswith(2 * tokenizer.bos_token):
-        print0(f"warning: the chat template of {name} writes the BOS token {tokenizer.bos_token} twice at the start of every prompt")
-    return tokenizer
-
-
-def load_model_config(name):
-    """The model's config, and a one-line error now (before data work) for a folder without config or weights."""
-    from transformers import AutoConfig
-    if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")) + glob.glob(os.path.join(name, "*.bin")):
-        fail(f"model folder {name} has no weights (*.safetensors or *.bin)")
-    try:
-        return AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        fail(f"could not load the config of model {name!r}: {str(e).splitlines()[0]}")
-
-
-def load_pretrained(cls, name, **kwargs):
-    """cls.from_pretrained(name, ...), and a one-line error for what cannot be loaded (no weights, a truncated or
-    corrupt file, no access, offline)."""
-    try:
-        return cls.from_pretrained(name, **kwargs)
-    except Exception as e:  # noqa: BLE001 — OSError, safetensors' errors, ...: all said in one line
-        fail(f"could not load the model {name!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-
-
-def compute_dtype(name, device):
-    return (torch.bfloat16 if device.type == "cuda" else torch.float32) if name == "auto" else getattr(torch, name)
-
-
-def files_fingerprint(path):
-    """What a model folder holds, cheaply: sha256 over the name, size and content of each of its own files, which are
-    what from_pretrained reads (not subfolders, e.g. Meta's original/ weights or a run's output; not hidden files). A
-    Hub id: its snapshot in the local cache. Files over 64 MB, the weights, are read in 16 pieces of 1 MB spread over
-    the file (~0.1 s for a 16 GB model), so a folder replaced at the same path is told apart however it was copied."""
-    if not os.path.isdir(path):
-        try:
-            from huggingface_hub import snapshot_download
-            path = snapshot_download(path, local_files_only=True)
-        except Exception:  # noqa: BLE001 — not in the cache: the name is all there is
-            return f"hub:{path}"
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file) or name.startswith("."):
-            continue
-        size = os.path.getsize(file)
-        h.update(f"{name}:{size}:".encode())
-        with open(file, "rb") as f:
-            if size <= 64 << 20:
-                h.update(f.read())
-            for k in range(16 if size > 64 << 20 else 0):
-                f.seek(k * (size - (1 << 20)) // 15)
-                h.update(f.read(1 << 20))
-    return h.hexdigest()
-
-
-def open_tracker(report_to, run_dir, name, config, resumed_at=None):
-    """log(record, step) and close() for --report_to (HF Trainer's names), rank 0 only. wandb: one run per run_dir, its
-    id kept in run_dir/wandb_run_id so that a resume continues it; TensorBoard: run_dir/tensorboard, where a resume
-    purges the events logged after its checkpoint, so that no step is there twice. The full config is logged once.
-    `update` is the step, not a metric. (generate.py and score.py log their summaries in OUTPUT.shards/.)"""
-    if report_to == "none" or dist.get_rank() != 0:
-        return (lambda record, step: None), (lambda: None)
-    if report_to == "wandb":
-        import wandb
-        id_path = os.path.join(run_dir, "wandb_run_id")
-        run_id = open(id_path).read().strip() if resumed_at is not None and os.path.exists(id_path) else None
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rebel"), id=run_id, resume="allow", name=name, dir=run_dir,
-                         config=None if run_id else config)  # a resumed run has its config already
-        atomic_write(id_path, run.id)
-        return (lambda record, step: run.log({k: v for k, v in record.items() if k != "update"}, step=step)), run.finish
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=None if resumed_at is None else resumed_at + 1)
-    if resumed_at is None:
-        writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))  # indented: shown as code
-
-    def log(record, step):
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "update":
-                writer.add_scalar(key, value, step)
-        writer.flush()
-    return log, writer.close
-
-
-# ----------------------------------------------------------------------------- data
 
 def pick_column(columns, names, where):
     """The one of `names` (a column's accepted spellings) that the data has."""
@@ -537,25 +481,27 @@ def pick_column(columns, names, where):
     fail(f"{where}: missing column {' or '.join(map(repr, names))} (columns: {', '.join(columns)})")
 
 
-def tokenize_pairs(rows, tokenizer, where, vocab_size, rank=0, world_size=1):
+def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None):
     """Token ids of every usable pair: [{index (row in the split), prompt_ids, chosen_ids, rejected_ids, chosen_reward,
     rejected_reward}], sorted by index. With the columns prompt_ids/chosen_ids/rejected_ids (generate.py → score.py)
     they are the sampled tokens; else the chat template of the texts (`text_ids`). Rows that cannot be used are
     dropped and counted with their reason; a reward that is not a finite number stops the run, naming the row, before
     any model work. A chat template that writes today's date is rendered at the row's chat_date (generate.py's), else
-    at rank 0's now. Each process does every world_size-th row; all get the same pairs and the same count."""
+    at rank 0's now. Each process does every world.size-th row; all get the same pairs and the same count."""
+    rank, size = (world.rank, world.size) if world else (0, 1)
     cols = rows.column_names
     prompt, chosen, rejected, chosen_reward, rejected_reward = (pick_column(cols, names, where) for names in (
         ["prompt"], ["chosen"], ["rejected", "reject"], ["chosen_reward"], ["rejected_reward", "reject_reward"]))
     id_columns = {"prompt_ids", "chosen_ids", "rejected_ids"} & set(cols)
     if id_columns and len(id_columns) < 3:
-        fail(f"{where}: has {', '.join(sorted(id_columns))} but not all of prompt_ids, chosen_ids, rejected_ids: give the "
-             "three sampled-id columns, or none (the texts are then tokenised)")
+        fail(f"{where}: has {', '.join(sorted(id_columns))} but not all of prompt_ids, chosen_ids, rejected_ids: give "
+             "the three sampled-id columns, or none (the texts are then tokenised)")
     check_prompt_column(rows, prompt, where)
     sampled, eot = len(id_columns) == 3, end_of_turn(tokenizer)
-    now = from_rank0(datetime.datetime.now()) if world_size > 1 else datetime.datetime.now()
+    now = from_rank0(datetime.datetime.now()) if size > 1 else datetime.datetime.now()
     pairs, dropped, error = [], [], None
-    for i in tqdm(range(rank, len(rows), world_size), desc=f"tokenize {where}", unit="pair", disable=rank != 0 or len(rows) < 1000):
+    for i in tqdm(range(rank, len(rows), size), desc=f"tokenize {where}", unit="pair",
+                  disable=rank != 0 or len(rows) < 1000):
         row = rows[i]
         try:
             for col in (chosen_reward, rejected_reward):
@@ -572,14 +518,14 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, rank=0, world_size=1):
             error = (i, str(e))
             break
     parts = [(pairs, dropped, error)]
-    if world_size > 1:
-        parts = [None] * world_size
+    if size > 1:
+        parts = [None] * size
         dist.all_gather_object(parts, (pairs, dropped, error))
     errors = sorted(e for _, _, e in parts if e)
     if errors:
         raise SystemExit(errors[0][1])
     dropped = [d for _, part, _ in parts for d in part]
-    count_dropped(dropped, len(rows), where)
+    report_dropped(dropped, len(rows), where)
     if len(dropped) == len(rows):
         fail(f"{where}: every row was dropped ({min(dropped)[1]}, ...)")
     return sorted((p for part, _, _ in parts for p in part), key=lambda p: p["index"])
@@ -592,7 +538,8 @@ def chat_date(value):
     try:
         return datetime.datetime.fromisoformat(value)
     except (TypeError, ValueError):
-        raise BadRow(f"chat_date must be an ISO 8601 date and time like 2024-07-26T09:30:00, got {str(value)[:40]!r}") from None
+        raise BadRow("chat_date must be an ISO 8601 date and time like 2024-07-26T09:30:00, got "
+                     f"{str(value)[:40]!r}") from None
 
 
 def sampled_ids(row, texts, tokenizer, vocab_size, date=None):
@@ -601,14 +548,18 @@ def sampled_ids(row, texts, tokenizer, vocab_size, date=None):
     decode to the response `texts` that were scored, as generate.py decoded them. Raises BadRow."""
     ids = [row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]]
     if not all(isinstance(x, list) and x and all(type(t) is int and 0 <= t < vocab_size for t in x) for x in ids):
-        raise BadRow(f"prompt_ids, chosen_ids and rejected_ids must be non-empty lists of integers in [0, {vocab_size})")
+        raise BadRow("prompt_ids, chosen_ids and rejected_ids must be non-empty lists of integers in "
+                     f"[0, {vocab_size})")
     if prompt_tokens(tokenizer, row["prompt"], date)[1] != ids[0]:
         dated = STRFTIME_NOW.search(tokenizer.get_chat_template()) and row.get("chat_date") is None
         raise BadRow("prompt_ids are not this tokenizer's chat template of the prompt (sampled with another model?"
-                     + (" the template writes today's date, and the row has no chat_date saying which day it was sampled)" if dated else ")"))
+                     + (" the template writes today's date, and the row has no chat_date saying which day it was "
+                        "sampled)" if dated else ")"))
     for name, response, text in zip(("chosen", "rejected"), ids[1:], texts):
-        if text not in (tokenizer.decode(response[:-1], skip_special_tokens=True), tokenizer.decode(response, skip_special_tokens=True)):
-            raise BadRow(f"{name}_ids do not decode to the {name} text (edited after sampling, or decoded another way?)")
+        if text not in (tokenizer.decode(response[:-1], skip_special_tokens=True),
+                        tokenizer.decode(response, skip_special_tokens=True)):
+            raise BadRow(f"{name}_ids do not decode to the {name} text (edited after sampling, or decoded another "
+                         "way?)")
     return ids
 
 
@@ -651,284 +602,218 @@ def filter_by_length(pairs, max_prompt_len, max_response_len, where):
                f"{len(dropped['response'])} with a response > {max_response_len} tokens ({tokens} tokens); "
                f"{len(kept)} of {len(pairs)} pairs kept")
     if not kept:
-        fail(f"{where}: no pair left after the length filter (max_prompt_len={max_prompt_len}, max_response_len={max_response_len})")
+        fail(f"{where}: no pair left after the length filter (max_prompt_len={max_prompt_len}, "
+             f"max_response_len={max_response_len})")
     return kept
 
 
-def load_pairs(cfg, tokenizer, vocab_size):
-    """Train and eval pairs, tokenised and length-filtered. Without an eval split (e.g. one .jsonl file), eval_size
-    seeded rows of the train data are held out and never trained on."""
-    single_file = os.path.isfile(cfg.dataset)  # one data file is one split
-    train_rows = load_split(cfg.dataset, "train" if single_file else cfg.train_split)
-    if train_rows is None:
-        fail(f"dataset {cfg.dataset!r} has no split {cfg.train_split!r}")
-    if not len(train_rows):
-        fail(f"dataset {cfg.dataset!r}: no rows")
-    eval_rows = None if single_file else load_split(cfg.dataset, cfg.eval_split)
-    held_out = set()
-    if eval_rows is None and cfg.eval_size > 0:
-        if cfg.eval_size >= len(train_rows):
-            fail(f"--eval_size {cfg.eval_size} leaves nothing to train on ({len(train_rows)} rows in {cfg.dataset})")
-        held_out = set(torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.eval_size].tolist())
-        print0(f"no eval split {cfg.eval_split!r} in {cfg.dataset}: holding out {cfg.eval_size} seeded rows of the train data")
-    sampled = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(train_rows.column_names)
-    print0(f"tokens: {'the sampled token ids (columns prompt_ids, chosen_ids, rejected_ids)' if sampled else 'the chat template of the texts (no sampled token ids in the data)'}")
-    if end_of_turn(tokenizer) is None:
-        print0(f"warning: the chat template of {cfg.model} writes no end-of-turn token after an assistant message: the "
-               "end of a response is learned only where a stop token was sampled (never from text-only pairs)")
-    if "temperature" in train_rows.column_names:
-        sampled_at = sorted({t for t in train_rows["temperature"] if isinstance(t, (int, float)) and t != cfg.temperature})
-        if sampled_at:
-            print0(f"warning: the pairs were sampled at temperature {', '.join(map(str, sampled_at))}, but the log-probs "
-                   f"use --temperature {cfg.temperature}: REBEL's log-probs should use the sampling temperature")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    where = f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]"
-    pairs = tokenize_pairs(train_rows, tokenizer, where, vocab_size, rank, world_size)
-    train_pairs = [p for p in pairs if p["index"] not in held_out]
-    eval_pairs = [p for p in pairs if p["index"] in held_out]
-    if eval_rows is not None:
-        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", vocab_size, rank, world_size)
-    train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
-    if eval_pairs:
-        eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
-    return train_pairs, eval_pairs
+def report_dropped(dropped, total, where):
+    """Print how many of `total` rows were dropped, by reason, each with its first row: [(row, reason), ...]."""
+    if dropped:
+        first = {}
+        for row, why in sorted(dropped):
+            first.setdefault(why, row)
+        counts = Counter(why for _, why in dropped)
+        print0(f"{where}: dropped {len(dropped)} of {total} rows" + "".join(
+            f" | {n} × {why} (first: row {first[why]})" for why, n in counts.most_common()))
 
 
-def pair_tokens(pair):
-    return 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+def check_prompt_column(data, column, where):
+    """Fail on a column that mixes strings and message lists: `datasets` then keeps it as JSON and decodes every string
+    that looks like JSON ('"hi"' becomes hi, '[{"role": ...}]' a conversation), so prompts would change silently."""
+    if type(data.features.get(column)).__name__ == "Json":
+        fail(f"{where}: column {column!r} mixes strings and lists, which datasets reads back as JSON (a string prompt "
+             "that looks like JSON would change): give every prompt as a string, or every prompt as a list of "
+             "messages")
 
 
-def epoch_order(num_pairs, seed, epoch):
-    """A permutation of the pairs that depends only on (seed, epoch): never on the number of processes."""
-    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+def chat_messages(prompt):
+    """A prompt as chat messages: a string is one user turn; a list of {'role', 'content'} messages must use the roles
+    system, user and assistant, with string contents, and end with a user turn. Raises BadRow saying what is wrong."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise BadRow("the prompt is empty")
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRow("the prompt must be a string or a non-empty list of {'role', 'content'} messages")
+    for m in prompt:
+        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)):
+            raise BadRow("each message must be {'role': 'system'|'user'|'assistant', 'content': a string}")
+    if prompt[-1]["role"] != "user":
+        raise BadRow(f"the prompt must end with a user turn, not {prompt[-1]['role']!r}")
+    if not prompt[-1]["content"].strip():
+        raise BadRow("the last user turn is empty")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def global_batch(num_pairs, batch_size, update, seed):
-    """Pair positions of update `update` (0-based): consecutive slices of an endless stream of seeded epoch permutations."""
-    stream_start = update * batch_size
-    positions = []
-    while len(positions) < batch_size:
-        epoch, offset = divmod(stream_start + len(positions), num_pairs)
-        positions += epoch_order(num_pairs, seed, epoch)[offset:offset + batch_size - len(positions)]
-    return positions
+STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
 
 
-def padded_width(pair):
-    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+def apply_template(tokenizer, messages, date=None, **kwargs):
+    """The chat template's text. `date` (a datetime) fixes what the template's strftime_now("...") writes (Llama-3.2's
+    "Today Date", Mistral Small's, ...), so that a prompt sampled one day is the same prompt the next. A template that
+    raises on a row (e.g. Gemma's on a system turn) raises BadRow."""
+    template = tokenizer.get_chat_template()
+    if date is not None:
+        template = STRFTIME_NOW.sub(lambda m: json.dumps(date.strftime(m.group(2))), template)
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 — jinja2's TemplateError and whatever a template's own code raises
+        raise BadRow(f"the chat template raised {type(e).__name__}: {first_line(e)}")
 
 
-def micro_batches(pairs, positions, micro_batch_size):
-    """Sort a batch by padded length, longest first (an out-of-memory shows at once), and cut it into micro-batches,
-    so each pads only to a similar neighbour's length."""
-    ordered = sorted(positions, key=lambda i: (-padded_width(pairs[i]), i))
-    return [[pairs[i] for i in ordered[s:s + micro_batch_size]] for s in range(0, len(ordered), micro_batch_size)]
+def prompt_tokens(tokenizer, prompt, date=None):
+    """(text, token ids) of the templated prompt + generation prompt: what generate.py samples after. Raises BadRow."""
+    text = apply_template(tokenizer, chat_messages(prompt), date, add_generation_prompt=True)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def for_rank(batches, rank, world_size):
-    """Deal micro-batches round-robin (they are sorted by length, so ranks get similar work). Every rank must run the
-    same number of forwards under FSDP, so short ranks get `None` placeholders: run them as dummies, drop the result."""
-    mine = batches[rank::world_size]
-    return mine + [None] * (math.ceil(len(batches) / world_size) - len(mine))
+def end_of_turn(tokenizer):
+    """The special token the chat template writes right after an assistant message (Llama-3 <|eot_id|>, ChatML
+    <|im_end|>, Gemma <end_of_turn>, Mistral </s>), found from the template itself; None when it writes none."""
+    marker = "REBEL-END-OF-TURN-PROBE"
+    try:
+        text = apply_template(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}])
+    except BadRow:
+        return None
+    after = text[text.rfind(marker) + len(marker):].lstrip() if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
 
 
-def collate(pairs, pad_id):
-    """Chosen sequences then rejected ones, right-padded to the longest in this micro-batch only (causal attention
-    never looks right, so the pads need no attention mask). Where the log-probs count, every response token,
-    end-of-turn included: `positions` index the flattened [sequence × width] hidden states that predict them (one
-    before each), `rows` their sequence. Built here on the CPU, so the GPU never waits on a boolean mask."""
-    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-    width = max(len(q) + len(r) for q, r in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    positions, rows = [], []
-    for row, (q, r) in enumerate(sequences):
-        input_ids[row, :len(q) + len(r)] = torch.tensor(q + r)
-        positions += range(row * width + len(q) - 1, row * width + len(q) + len(r) - 1)
-        rows += [row] * len(r)
-    return input_ids, torch.tensor(positions), torch.tensor(rows)
+# ----------------------------------------------------------------------------- the run's state
+
+def derived_sizes(cfg, world):
+    """(micro-batches accumulated per update and process, number of updates), checked before any work."""
+    per_update = cfg.micro_batch_size * world.size
+    if cfg.batch_size % per_update:
+        fail(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size × processes = "
+             f"{cfg.micro_batch_size} × {world.size} = {per_update}")
+    num_updates = cfg.total_episodes // cfg.batch_size
+    if num_updates < 1:
+        fail(f"--total_episodes {cfg.total_episodes} is less than one batch of {cfg.batch_size} pairs")
+    return cfg.batch_size // per_update, num_updates
 
 
-def to_device(tensors, device):
-    """Pinned host memory and non-blocking copies on GPU: the CPU keeps queueing work while the GPU computes."""
-    return [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in tensors]
+# what a resumed run may not change: it would change the data, the reference or the optimisation already done
+# (not the --dataset path: the pairs themselves are compared, so a resume may name the same file by another path)
+FIXED_ON_RESUME = ("train_split", "eval_split", "eval_size", "seed", "eta", "lr", "beta1", "beta2", "adam_eps",
+                   "weight_decay", "warmup_ratio", "temperature", "total_episodes", "batch_size", "max_prompt_len",
+                   "max_response_len", "max_grad_norm", "dtype")
 
 
-# ----------------------------------------------------------------------------- model
+def open_run_folder(cfg):
+    """The pre-flight of output_dir: a folder this run can write and lock, not holding --model; returns (the checkpoint
+    to resume from or None, its train_state). Settings a resume may not change are compared here, before any data
+    work; the data and model files once they are read (check_resume)."""
+    check_output(cfg.output_dir, "--output_dir", kind="folder", model=cfg.model)
+    checkpoint = from_rank0(latest_checkpoint(cfg.output_dir))  # one decision for all processes
+    if checkpoint and not cfg.resume:
+        fail(f"{cfg.output_dir} holds a checkpoint of an earlier run: add --resume to continue it, or pick another "
+             "--output_dir")
+    state = read_train_state(checkpoint) if checkpoint else None
+    if state:
+        changed = changed_settings(state.get("config", {}), dataclasses.asdict(cfg), FIXED_ON_RESUME)
+        if changed:
+            fail(f"--resume: {checkpoint} was made with other settings ({changed}); resume with those, or use another "
+                 "--output_dir")
+    if from_rank0(dist.get_rank() == 0 and not lock_folder(cfg.output_dir)):
+        fail(f"--output_dir {cfg.output_dir} is in use by another rebel.py run (it holds {cfg.output_dir}/.lock)")
+    return checkpoint, state
 
-def build_model(cfg, device, dtype):
-    """fp32 master weights, FSDP2 on every decoder layer then the root; `dtype` compute (bf16 on GPU). Only rank 0
-    reads the checkpoint (one fp32 copy in host memory, not one per process); the others build an empty
-    model on the meta device and receive their shards from it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(cfg.model, attention_dropout=0.0)  # no dropout (as the paper): log-probs must be deterministic
-    starting_dtype, full, buffers = config.dtype or torch.float32, {}, None  # the final model is saved in it (bf16 for Llama-3)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    error = None
-    if dist.get_rank() == 0:
+
+def check_resume(cfg, checkpoint, state, inputs, num_updates):
+    """Fail in one line when a checkpoint's model files or pairs differ from this run's; "finished" when the
+    checkpoint is the last update and final/ is there (only once every input has been compared)."""
+    if not state:
+        if cfg.resume:
+            print0(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints, starting from scratch")
+        return None
+    if state.get("model_files") != inputs["model_files"]:
+        fail(f"--resume: the files of --model {cfg.model} differ from those {checkpoint} started from; resume with the "
+             "same model, or use another --output_dir")
+    if state.get("data") != inputs["data"]:
+        fail(f"--resume: the pairs (their tokens or rewards) differ from those {checkpoint} was trained on; "
+             "resume with the same data, or use another --output_dir")
+    if state["update"] == num_updates and os.path.isdir(os.path.join(cfg.output_dir, "final")):
+        print0(f"{cfg.output_dir}: this run is finished ({num_updates} updates; the model is in final/)")
+        return "finished"
+    return None
+
+
+def files_fingerprint(path):
+    """What a model folder holds, cheaply: sha256 over the name, size and content of each of its own files, which are
+    what from_pretrained reads (not subfolders, e.g. Meta's original/ weights or a run's output; not hidden files). A
+    Hub id: its snapshot in the local cache. Files over 64 MB, the weights, are read in 16 pieces of 1 MB spread over
+    the file (~0.1 s for a 16 GB model), so a folder replaced at the same path is told apart however it was copied."""
+    if not os.path.isdir(path):
         try:
-            loaded = load_pretrained(AutoModelForCausalLM, cfg.model, config=config, dtype=torch.float32)
-        except SystemExit as e:  # said by every process, rather than the others failing in the broadcast below
-            error = str(e)
-    if error := from_rank0(error):
-        raise SystemExit(error)
-    if dist.get_rank() == 0:
-        full = loaded.state_dict()
-        buffers = {n: b for n, b in loaded.named_buffers() if n not in full}  # not in checkpoints, e.g. rotary inv_freq
-        model.generation_config = loaded.generation_config  # Llama-3's two stop tokens, saved with the final model
-    model.starting_dtype = starting_dtype
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout"):
-            module.attention_dropout = 0.0
-    head = model.get_output_embeddings()
-    if head.bias is not None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        fail(f"{cfg.model}: its output head has a bias, logit soft-capping or scaling, which response_logprobs does not apply")
-    if cfg.activation_checkpointing:
-        # transformers < 5.23 only has the older name, gradient_checkpointing_enable (same arguments)
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)({"use_reentrant": False})
-    model.train()  # (activation checkpointing only acts in train mode)
-    mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in model.get_decoder().layers:
-        fully_shard(layer, mp_policy=mixed_precision)
-    fully_shard(model, mp_policy=mixed_precision)
-    model.to_empty(device=device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, value in from_rank0(buffers).items():
-        model.get_buffer(name).copy_(value)
-    model.response_logprobs = response_logprobs.__get__(model)  # a method, so that FSDP can gather the root around it
-    register_fsdp_forward_method(model, "response_logprobs")
-    return model
-
-
-# ----------------------------------------------------------------------------- log-probs and the loss
-
-def token_logprobs(hidden, weight, targets, temperature):
-    """log softmax(h·Wᵀ / T)[target] for a chunk of positions, in fp32 (dividing in place: no second vocabulary-sized copy)."""
-    logits = F.linear(hidden, weight).float().div_(temperature)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def response_logprobs(self, input_ids, positions, rows, temperature, chunk_size):
-    """Sum of log πθ(token | prefix) over each sequence's response tokens (see `collate`). A method of the policy
-    (registered with FSDP so the root's parameters are gathered): the full-vocabulary logits are never built for all
-    positions, only for response positions, `chunk_size` at a time, each chunk recomputed in backward, not stored."""
-    hidden = self.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [response tokens, hidden]
-    targets = input_ids.reshape(-1).index_select(0, positions + 1)
-    weight = self.get_output_embeddings().weight
-    pieces = []
-    for s in range(0, len(targets), chunk_size):
-        args = (hidden[s:s + chunk_size], weight, targets[s:s + chunk_size], temperature)
-        pieces.append(torch.utils.checkpoint.checkpoint(token_logprobs, *args, use_reentrant=False)
-                      if torch.is_grad_enabled() else token_logprobs(*args))
-    per_token = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, per_token)
-
-
-def rebel_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, reward_chosen, reward_rejected, eta):
-    """Per-pair squared regression error: the REBEL update, Eq. (1) of Gao et al. 2024, times η² (the authors' code
-    form; same minimiser): ((ln πθ(y|x)/πref(y|x) − ln πθ(y'|x)/πref(y'|x)) − η·(r(x,y) − r(x,y')))²."""
-    logratio_diff = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
-    return (logratio_diff - eta * (reward_chosen - reward_rejected)) ** 2
-
-
-@dataclass
-class Run:
-    """Where this process runs, as the passes over the data need it."""
-    rank: int
-    world_size: int
-    device: torch.device
-    dtype: torch.dtype
-    pad_id: int
-
-
-@torch.no_grad()
-def all_logprobs(model, pairs, cfg, run, desc):
-    """{row index: (log π(chosen), log π(rejected))} for every pair, micro-batches sharded over processes, gathered."""
-    batches = micro_batches(pairs, range(len(pairs)), cfg.eval_micro_batch_size)
-    done = []
-    for batch in tqdm(for_rank(batches, run.rank, run.world_size), desc=desc, unit="batch", disable=run.rank != 0, leave=False):
-        logps = model.response_logprobs(*to_device(collate(batch or batches[0], run.pad_id), run.device), cfg.temperature, cfg.logprob_chunk)
-        if batch is not None:
-            done.append((batch, logps.view(2, len(batch))))  # kept on the device: one host sync at the end
-    results = [(p["index"], c, r) for batch, logps in done for p, (c, r) in zip(batch, logps.T.tolist())]
-    model.reshard()  # FSDP keeps the root unsharded after a forward with no backward; the optimizer needs the shards
-    gathered = [None] * run.world_size
-    dist.all_gather_object(gathered, results)
-    return {index: (c, r) for part in gathered for index, c, r in part}
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, local_files_only=True)
+        except Exception:  # noqa: BLE001 — not in the cache: the name is all there is
+            return f"hub:{path}"
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or name.startswith("."):
+            continue
+        size = os.path.getsize(file)
+        h.update(f"{name}:{size}:".encode())
+        with open(file, "rb") as f:
+            if size <= 64 << 20:
+                h.update(f.read())
+            for k in range(16 if size > 64 << 20 else 0):
+                f.seek(k * (size - (1 << 20)) // 15)
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
 
 
 def data_fingerprint(splits, rewards=True):
-    """sha256 of every pair's row index and token ids (and rewards): what the reference log-probs and a run depend on."""
+    """sha256 of every pair's row index and token ids (and rewards): what reference log-probs and a run depend on."""
     h = hashlib.sha256()
     for split, pairs in splits.items():
         h.update(split.encode())
         for p in pairs:
-            h.update(np.asarray([p["index"], -1, *p["prompt_ids"], -1, *p["chosen_ids"], -1, *p["rejected_ids"]], np.int64).tobytes())
+            h.update(np.asarray([p["index"], -1, *p["prompt_ids"], -1, *p["chosen_ids"], -1, *p["rejected_ids"]],
+                                np.int64).tobytes())
             h.update(np.asarray([p["chosen_reward"], p["rejected_reward"]] if rewards else [], np.float64).tobytes())
     return h.hexdigest()
 
 
-def reference_logprobs(model, splits, cfg, run, model_files):
-    """log πref of every train and eval pair, under the starting policy, with the same code as training. Cached as
-    output_dir/ref_logprobs.jsonl (one row per pair) and reused only when the model's files, the pairs' tokens, the
-    temperature and the dtype are the same and the file holds every pair."""
-    path, meta_path = os.path.join(cfg.output_dir, "ref_logprobs.jsonl"), os.path.join(cfg.output_dir, "ref_logprobs.meta.json")
-    key = hashlib.sha256(json.dumps([model_files, data_fingerprint(splits, rewards=False), cfg.temperature, str(run.dtype)]).encode()).hexdigest()
-    ref = None
-    meta = read_jsonl(meta_path)[0][:1] if run.rank == 0 and os.path.exists(meta_path) and os.path.exists(path) else []
-    if meta and meta[0].get("fingerprint") == key:
+def read_reference_cache(output_dir, splits, run_key):
+    """The cached reference log-probs {split: {index: (chosen, rejected)}}, read by rank 0 and shared, or None when
+    there are none for this run_key, or the file is damaged or misses a pair."""
+    path, meta_path = (os.path.join(output_dir, f"ref_logprobs{ext}") for ext in (".jsonl", ".meta.json"))
+    ref_logps = None
+    meta = (read_jsonl(meta_path)[0][:1] if dist.get_rank() == 0 and os.path.exists(meta_path)
+            and os.path.exists(path) else [])
+    if meta and meta[0].get("fingerprint") == sha256(json.dumps(run_key)):
         with open(path, "rb") as f:
             text = f.read()
-        ref = {split: {} for split in splits}
-        for line in text.decode().splitlines() if hashlib.sha256(text).hexdigest() == meta[0].get("sha256") else []:
+        ref_logps = {split: {} for split in splits}
+        for line in text.decode().splitlines() if sha256(text) == meta[0].get("sha256") else []:
             row = json.loads(line)  # the file is as written (its sha256): every line parses
-            ref.get(row["split"], {})[row["index"]] = (row["chosen_logprob"], row["rejected_logprob"])
-        if any(set(ref[s]) != {p["index"] for p in pairs} for s, pairs in splits.items()):
+            ref_logps.get(row["split"], {})[row["index"]] = (row["chosen_logprob"], row["rejected_logprob"])
+        if any(set(ref_logps[s]) != {p["index"] for p in pairs} for s, pairs in splits.items()):
             print0(f"reference log-probs: {path} is incomplete or damaged; computing them again")
-            ref = None
-    if (ref := from_rank0(ref)) is not None:  # one decision for all processes
+            ref_logps = None
+    if (ref_logps := from_rank0(ref_logps)) is not None:  # one decision for all processes
         print0(f"reference log-probs: reusing {path}")
-        return ref
-    start = time.time()
-    ref = {split: all_logprobs(model, pairs, cfg, run, f"reference log-probs ({split})") for split, pairs in splits.items()}
-    if run.rank == 0:
-        rows = [dict(split=split, index=i, chosen_logprob=c, rejected_logprob=r)
-                for split in ref for i, (c, r) in sorted(ref[split].items())]
-        text = "".join(json.dumps(row) + "\n" for row in rows)
-        atomic_write(path, text)
-        atomic_write(meta_path, json.dumps(dict(fingerprint=key, sha256=hashlib.sha256(text.encode()).hexdigest())) + "\n")
-    n = sum(len(p) for p in splits.values())
-    print0(f"reference log-probs: {n} pairs in {time.time() - start:.1f}s ({n / (time.time() - start):.1f} pairs/s) -> {path}")
-    return ref
+    return ref_logps
 
 
-def evaluate(model, pairs, ref, cfg, run):
-    """Validation loss and sign agreement: the fraction of pairs whose chosen-minus-rejected log-ratio has the sign of Δr."""
-    logps = all_logprobs(model, pairs, cfg, run, "eval")
-    logp_c, logp_r, ref_c, ref_r = (torch.tensor([v[p["index"]][k] for p in pairs], dtype=torch.float64)
-                                    for v, k in ((logps, 0), (logps, 1), (ref, 0), (ref, 1)))
-    reward_c, reward_r = (torch.tensor([p[k] for p in pairs], dtype=torch.float64) for k in ("chosen_reward", "rejected_reward"))
-    loss = rebel_loss(logp_c, logp_r, ref_c, ref_r, reward_c, reward_r, cfg.eta).mean().item()
-    logratio_diff = (logp_c - ref_c) - (logp_r - ref_r)
-    sign_align = ((logratio_diff * (reward_c - reward_r)) > 0).double().mean().item()
-    return dict(val_loss=loss, sign_align=sign_align)
+def write_reference_cache(output_dir, ref_logps, run_key):
+    """output_dir/ref_logprobs.jsonl (one row per pair) and its .meta.json: the run_key and the file's sha256."""
+    rows = [dict(split=split, index=i, chosen_logprob=c, rejected_logprob=r)
+            for split in ref_logps for i, (c, r) in sorted(ref_logps[split].items())]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    atomic_write(os.path.join(output_dir, "ref_logprobs.jsonl"), text)
+    atomic_write(os.path.join(output_dir, "ref_logprobs.meta.json"),
+                 json.dumps(dict(fingerprint=sha256(json.dumps(run_key)), sha256=sha256(text))) + "\n")
+    print0(f"reference log-probs -> {output_dir}/ref_logprobs.jsonl")
 
-
-def lr_at(update, num_updates, cfg):
-    """Linear warm-up over the first warmup_ratio of the updates, then cosine decay to 0. Update 0 gets lr/warmup
-    (the authors' HF scheduler gives it 0, a wasted update)."""
-    warmup = int(cfg.warmup_ratio * num_updates)
-    if update < warmup:
-        return cfg.lr * (update + 1) / warmup
-    progress = (update - warmup) / max(1, num_updates - warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ----------------------------------------------------------------------------- checkpoints
 
 def latest_checkpoint(output_dir):
     done = [d for d in glob.glob(os.path.join(output_dir, "checkpoints", "update_*")) if not d.endswith(".partial")]
@@ -947,29 +832,28 @@ def read_train_state(checkpoint):
     fail(f"{checkpoint}/train_state.json is missing or damaged: delete {checkpoint} to start afresh, or restore it")
 
 
-def save_checkpoint(model, optimizer, cfg, rank, train_state):
+def save_checkpoint(model, optimizer, cfg, world, train_state):
     """A resumable, sharded checkpoint (torch.distributed.checkpoint) with train_state.json: the update count, the
     config, and the fingerprints of the starting model's files and of the data that a resume must match. Written to a
     .partial folder and renamed when complete, so a crash while saving leaves the previous checkpoint usable; older
     ones are removed afterwards."""
-    update = train_state["update"]
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    final = os.path.join(cfg.output_dir, "checkpoints", f"update_{update:06d}")
+    final = os.path.join(cfg.output_dir, "checkpoints", f"update_{train_state['update']:06d}")
     partial = final + ".partial"
-    if rank == 0:
+    if world.rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
-    if rank == 0:
+    if world.rank == 0:
         # rank 0's RNG (nothing in training draws random numbers; kept for forks that do)
-        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    os.path.join(partial, "rng.pt"))
-        atomic_write(os.path.join(partial, "train_state.json"),
-                     json.dumps(dict(train_state, pairs_seen=update * cfg.batch_size, config=dataclasses.asdict(cfg))))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        atomic_write(os.path.join(partial, "train_state.json"), json.dumps(dict(
+            train_state, pairs_seen=train_state["update"] * cfg.batch_size, config=dataclasses.asdict(cfg))))
+        replace_path(partial, final)
         for old in glob.glob(os.path.join(cfg.output_dir, "checkpoints", "update_*")):
             if old != final and not old.endswith(".partial"):
                 shutil.rmtree(old, ignore_errors=True)
@@ -978,6 +862,7 @@ def save_checkpoint(model, optimizer, cfg, rank, train_state):
 
 
 def load_checkpoint(model, optimizer, path):
+    """Model, optimizer and RNG state from a checkpoint; returns its update count."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -985,180 +870,489 @@ def load_checkpoint(model, optimizer, path):
     try:
         dcp.load(state, checkpoint_id=path)
         rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
-    except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 — a damaged checkpoint: one line, and what to do
-        fail(f"{path} cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): delete it to start "
-             "afresh, or restore it")
+    except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 — a damaged checkpoint: one line, what to do
+        fail(f"{path} cannot be read ({type(e).__name__}: {first_line(e)[:120]}): delete it to start afresh, or "
+             "restore it")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    update = read_train_state(path)["update"]
+    print0(f"resumed from {path} at update {update}")
+    return update
 
 
-def save_final(model, cfg, rank):
+def save_final(model, cfg, world):
     """A consolidated Hugging Face checkpoint (safetensors + tokenizer) loadable by from_pretrained, vLLM, lm-eval."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoTokenizer
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = os.path.join(cfg.output_dir, "final")
-    if rank == 0:
+    if world.rank == 0:
         partial = final + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         model.save_pretrained(partial, state_dict={k: v.to(model.starting_dtype) for k, v in state.items()})
         model.config.dtype = model.starting_dtype  # save_pretrained wrote the fp32 of the live weights
         model.config.save_pretrained(partial)
         AutoTokenizer.from_pretrained(cfg.model).save_pretrained(partial)  # as it was: without the pad set for training
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        replace_path(partial, final)
     dist.barrier()
     return final
 
 
-# ----------------------------------------------------------------------------- main
-
-def main(cfg):
-    rank, world_size, device = init_distributed()
-    per_update = cfg.micro_batch_size * world_size
-    if cfg.batch_size % per_update:
-        fail(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size × processes = "
-             f"{cfg.micro_batch_size} × {world_size} = {per_update}")
-    accumulation = cfg.batch_size // per_update
-    num_updates = cfg.total_episodes // cfg.batch_size
-    if num_updates < 1:
-        fail(f"--total_episodes {cfg.total_episodes} is less than one batch of {cfg.batch_size} pairs")
-    dtype = compute_dtype(cfg.dtype, device)
-    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
-        fail(f"--output_dir {cfg.output_dir} is a file, not a folder")
-    checkpoint = from_rank0(latest_checkpoint(cfg.output_dir))  # one decision for all processes
-    if checkpoint and not cfg.resume:
-        fail(f"{cfg.output_dir} holds a checkpoint of an earlier run: add --resume to continue it, or pick another --output_dir")
-    state = read_train_state(checkpoint) if checkpoint else None
-    if state:
-        changed = [f"--{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in state.get("config", {}).items()
-                   if k in FIXED_ON_RESUME and v != getattr(cfg, k)]
-        if changed:
-            fail(f"--resume: {checkpoint} was made with other settings ({'; '.join(changed)}); resume with those, or use another --output_dir")
-        if state["update"] == num_updates and os.path.isdir(os.path.join(cfg.output_dir, "final")):
-            print0(f"{cfg.output_dir}: this run is finished ({num_updates} updates; the model is in final/)")
-            dist.destroy_process_group()
-            return
-    if os.path.isdir(cfg.model) and os.path.join(os.path.realpath(cfg.model), "").startswith(os.path.join(os.path.realpath(cfg.output_dir), "")):
-        fail(f"--model {cfg.model} is inside --output_dir {cfg.output_dir}, where this run writes final/ and checkpoints/; "
-             "use another --output_dir")
-    check_writable(cfg.output_dir, "--output_dir")
-    if from_rank0(rank == 0 and not lock_folder(cfg.output_dir)):
-        fail(f"--output_dir {cfg.output_dir} is in use by another rebel.py run (it holds {cfg.output_dir}/.lock)")
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-
-    # data: read, validate and tokenise everything before the model is loaded
-    check_data_source(cfg.dataset)
-    tokenizer = load_tokenizer(cfg.model)
-    model_config = load_model_config(cfg.model)
-    train_pairs, eval_pairs = load_pairs(cfg, tokenizer, model_config.vocab_size)
-    splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
-    data = data_fingerprint(splits)
-    if state and state.get("data") != data:
-        fail(f"--resume: the pairs (their tokens or rewards) differ from those {checkpoint} was trained on; "
-             "resume with the same data, or use another --output_dir")
-    mean_tokens = sum(map(pair_tokens, train_pairs)) / len(train_pairs)
-    print0(f"processes {world_size} | device {device.type} | compute dtype {dtype} | train pairs {len(train_pairs)} | "
-           f"eval pairs {len(eval_pairs)} | mean tokens per pair {mean_tokens:.0f}\n"
-           f"updates {num_updates} of {cfg.batch_size} pairs = {cfg.micro_batch_size} per forward × {accumulation} "
-           f"accumulation × {world_size} processes | warm-up {int(cfg.warmup_ratio * num_updates)} updates | "
-           f"epochs {num_updates * cfg.batch_size / len(train_pairs):.2f} | "
-           f"{cfg.total_episodes - num_updates * cfg.batch_size} of total_episodes left over (not a whole batch)")
-
-    model = build_model(cfg, device, dtype)
-    model_files = from_rank0(files_fingerprint(cfg.model) if rank == 0 else None)  # after the load: a Hub model is cached
-    if state and state.get("model_files") != model_files:
-        fail(f"--resume: the files of --model {cfg.model} differ from those {checkpoint} started from; resume with the "
-             "same model, or use another --output_dir")
-    run = Run(rank, world_size, device, dtype, tokenizer.pad_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
-    ref = reference_logprobs(model, splits, cfg, run, model_files)
-    start_update = state["update"] if checkpoint else 0
-    if checkpoint:
-        load_checkpoint(model, optimizer, checkpoint)
-        print0(f"resumed from {checkpoint} at update {start_update}")
-    elif cfg.resume:
-        print0(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints, starting from scratch")
-    if rank == 0:  # keep the records up to the checkpoint only, so that none is duplicated
-        old, unreadable = read_jsonl(metrics_path) if os.path.exists(metrics_path) else ([], 0)
+def open_metrics(cfg, world, resumed_at=None):
+    """log(record) and close(): rank 0 appends each record to output_dir/metrics.jsonl and sends it to --report_to's
+    tracker. A resume first keeps the records up to its checkpoint only, so that none is there twice."""
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if world.rank == 0:
+        old, unreadable = read_jsonl(path) if os.path.exists(path) else ([], 0)
         if unreadable:
-            print(f"note: {unreadable} unreadable line(s) of {metrics_path} dropped (cut by a crash or a full disk)")
-        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in old if checkpoint and r.get("update", 1e9) <= start_update))
-    track, close_tracker = open_tracker(cfg.report_to, cfg.output_dir, os.path.basename(os.path.abspath(cfg.output_dir)),
-                                        dataclasses.asdict(cfg), resumed_at=start_update if checkpoint else None)
+            print(f"note: {unreadable} unreadable line(s) of {path} dropped (cut by a crash or a full disk)")
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in old
+                                   if resumed_at is not None and r.get("update", 1e9) <= resumed_at))
+    track, close = open_tracker(cfg.report_to, cfg.output_dir, os.path.basename(os.path.abspath(cfg.output_dir)),
+                                dataclasses.asdict(cfg), resumed_at=resumed_at)
 
     def log(record):
-        if rank == 0:
-            append_jsonl(metrics_path, record)
+        if world.rank == 0:
+            append_jsonl(path, record)
             track(record, record["update"])
+    return log, close
 
-    def log_eval(update):
-        if eval_pairs:
-            record = dict(update=update, **evaluate(model, eval_pairs, ref["eval"], cfg, run))
-            print0(f"eval @ update {update}: val_loss {record['val_loss']:.4g} | sign_align {record['sign_align']:.3f}")
-            log(record)
 
-    if start_update == 0:
-        log_eval(0)
-    bar = tqdm(range(start_update, num_updates), desc="updates", unit="update", disable=rank != 0,
-               initial=start_update, total=num_updates)
-    for update in bar:
-        start = time.time()
-        lr = lr_at(update, num_updates, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        positions = global_batch(len(train_pairs), cfg.batch_size, update, cfg.seed)
-        stats = torch.zeros(4, dtype=torch.float64, device=device)  # Σ loss, Σ log-ratio chosen, rejected, Σ tokens
-        for batch in micro_batches(train_pairs, positions, cfg.micro_batch_size)[rank::world_size]:
-            logps = model.response_logprobs(*to_device(collate(batch, run.pad_id), device), cfg.temperature, cfg.logprob_chunk)
-            # float64 for these few numbers (free): η·Δr is ~1e4 with η = 1e6
-            ref_c, ref_r, reward_c, reward_r, tokens = to_device([torch.tensor(
-                [[*ref["train"][p["index"]], p["chosen_reward"], p["rejected_reward"], pair_tokens(p)] for p in batch],
-                dtype=torch.float64)], device)[0].T
-            logp_c, logp_r = logps.double().view(2, len(batch))  # chosen rows first, then rejected
-            losses = rebel_loss(logp_c, logp_r, ref_c, ref_r, reward_c, reward_r, cfg.eta)
-            # this rank's share of the batch mean; FSDP averages gradients over ranks, giving the global batch mean
-            (losses.sum() / (cfg.batch_size // world_size)).backward()
-            stats += torch.stack([losses.sum(), (logp_c - ref_c).sum(), (logp_r - ref_r).sum(), tokens.sum()]).detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        dist.all_reduce(stats)
-        stats = stats.tolist()
-        loss = stats[0] / cfg.batch_size
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            fail(f"non-finite loss {loss} (grad norm {grad_norm}) at update {update + 1}; stopping without saving "
-                 f"(last good checkpoint: {latest_checkpoint(cfg.output_dir)})")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.time() - start
-        record = dict(update=update + 1, loss=loss, logratio_chosen=stats[1] / cfg.batch_size,
-                      logratio_rejected=stats[2] / cfg.batch_size, lr=lr, grad_norm=grad_norm,
-                      pairs_per_s=cfg.batch_size / seconds, tokens_per_s=stats[3] / seconds,
-                      pairs_seen=(update + 1) * cfg.batch_size)
-        log(record)
-        if rank == 0:
-            bar.set_postfix(loss=f"{loss:.3g}", pairs_s=f"{record['pairs_per_s']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            tqdm.write(f"update {update + 1}/{num_updates} | loss {loss:.4g} | logratio chosen {record['logratio_chosen']:+.4f} "
-                       f"rejected {record['logratio_rejected']:+.4f} | lr {lr:.3g} | grad norm {grad_norm:.3g} | "
-                       f"{record['pairs_per_s']:.2f} pairs/s | {record['tokens_per_s']:.0f} tokens/s")
-        if (cfg.eval_every and (update + 1) % cfg.eval_every == 0) or update + 1 == num_updates:
-            log_eval(update + 1)
-        stop = update + 1 - start_update == cfg.stop_after
-        if (cfg.save_every and (update + 1) % cfg.save_every == 0) or update + 1 == num_updates or stop:
-            save_checkpoint(model, optimizer, cfg, rank, dict(update=update + 1, model_files=model_files, data=data))
-        if stop and update + 1 < num_updates:
-            print0(f"stopping after {cfg.stop_after} updates (--stop_after); continue with the same command and --resume")
-            close_tracker()
-            dist.destroy_process_group()
-            return
-    bar.close()
-    if cfg.save_final:
-        print0(f"final model -> {save_final(model, cfg, rank)}")
-    close_tracker()
-    dist.destroy_process_group()
+HELD_LOCKS = {}  # lock file -> its open handle, held until this process ends
+
+
+def lock_folder(folder):
+    """Take an exclusive lock on folder/.lock (POSIX flock) for the rest of this process; False when another process
+    holds it: two runs writing one folder would mix their outputs."""
+    import fcntl
+    path = os.path.realpath(os.path.join(folder, ".lock"))
+    if path not in HELD_LOCKS:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        HELD_LOCKS[path] = handle
+    return True
+
+
+# ----------------------------------------------------------------------------- models and tokenizers
+
+def load_tokenizer(name, padding_side="right"):
+    from transformers import AutoTokenizer
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        fail(f"model {name!r}: no such folder, and not a Hub id (owner/name)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side=padding_side)
+    except (OSError, ValueError) as e:  # no such folder or Hub id, no access, offline
+        fail(f"could not load the tokenizer of {name!r}: {first_line(e)}")
+    if not tokenizer.chat_template:
+        fail(f"tokenizer of {name} has no chat template; REBEL formats prompts and responses with it")
+    if tokenizer.pad_token_id is None:  # Llama-3 has none; pads are masked out, so any id does
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        text = apply_template(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    except BadRow:
+        text = ""
+    if tokenizer.bos_token and text.startswith(2 * tokenizer.bos_token):
+        print0(f"warning: the chat template of {name} writes the BOS token {tokenizer.bos_token} twice at the start "
+               "of every prompt")
+    return tokenizer
+
+
+def load_model_config(name, **overrides):
+    """The model's config, and a one-line error now (before data work) for a folder without config or weights."""
+    from transformers import AutoConfig
+    if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")) + glob.glob(
+            os.path.join(name, "*.bin")):
+        fail(f"model folder {name} has no weights (*.safetensors or *.bin)")
+    try:
+        return AutoConfig.from_pretrained(name, **overrides)
+    except (OSError, ValueError) as e:
+        fail(f"could not load the config of model {name!r}: {first_line(e)}")
+
+
+def vocab_size(config):
+    """Rows of the input embedding (a multimodal config keeps them in its text config)."""
+    return getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+
+
+def check_architecture(name, model):
+    """Fail in one line on a policy whose log-probs response_logprobs would not compute as its own forward does."""
+    head = model.get_output_embeddings()
+    if head.bias is not None or getattr(model.config, "final_logit_softcapping", None) or getattr(
+            model.config, "logit_scale", None):
+        fail(f"{name}: its output head has a bias, logit soft-capping or scaling, which response_logprobs does not "
+             "apply")
+
+
+def load_pretrained(cls, name, **kwargs):
+    """cls.from_pretrained(name, ...), and a one-line error for what cannot be loaded (no weights, a truncated or
+    corrupt file, no access, offline)."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except Exception as e:  # noqa: BLE001 — OSError, safetensors' errors, ...: all said in one line
+        fail(f"could not load the model {name!r}: {type(e).__name__}: {first_line(e)}")
+
+
+def compute_dtype(name, device):
+    return (torch.bfloat16 if device.type == "cuda" else torch.float32) if name == "auto" else getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------- settings
+
+def parse_config(cls, argv=None):
+    """A config from the command line with transformers' HfArgumentParser (`--help` lists every field with its doc and
+    default; booleans: `--flag`, `--flag false`), optionally from a YAML or JSON file, `--config run.yaml` or the file
+    alone as HF's example scripts take it, whose settings the flags given with it override."""
+    from transformers import HfArgumentParser
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv.insert(0, "--config")
+    parser = HfArgumentParser(cls, description=sys.modules[cls.__module__].__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML or JSON file of settings (field: value); flags given too override it")
+    path = parser.parse_known_args(argv)[0].config
+    if path:
+        parser.set_defaults(**read_settings(path, cls))
+    cfg, *_, unknown = parser.parse_args_into_dataclasses(argv, look_for_args_file=False,
+                                                          return_remaining_strings=True)
+    if unknown:
+        files = [a for a in unknown if a.endswith((".yaml", ".yml", ".json"))]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)"
+                     + (f"; a settings file goes first or after --config: --config {files[0]}" if files else ""))
+    return cfg
+
+
+def read_settings(path, cls):
+    import yaml  # PyYAML: a dependency of transformers
+    try:
+        with open(path) as f:
+            settings = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        fail(f"--config {path}: {first_line(e)}")
+    if not isinstance(settings, dict):
+        fail(f"--config {path}: expected a mapping of setting: value, got {type(settings).__name__}")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - set(types))
+    if unknown:
+        fail(f"--config {path}: unknown settings {', '.join(unknown)} (see --help)")
+    for name, value in settings.items():
+        try:
+            settings[name] = as_setting(value, types[name])
+        except ValueError as e:
+            fail(f"--config {path}: {name} {e}")
+    return settings
+
+
+def as_setting(value, kind):
+    """`value` as a setting of type `kind` (int, float, bool, str or a Literal), a string read as a flag's would be
+    (YAML reads 3e-7 as a string). Raises ValueError saying what was expected."""
+    from argparse import ArgumentTypeError
+
+    from transformers.hf_argparser import string_to_bool
+    if typing.get_origin(kind) is Literal:
+        if value in typing.get_args(kind):
+            return value
+        raise ValueError(f"must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
+    if isinstance(value, str) and kind in (int, float, bool):
+        try:
+            value = string_to_bool(value) if kind is bool else kind(value)
+        except (ValueError, ArgumentTypeError):
+            pass
+    if kind is float and type(value) is int:
+        value = float(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        return value
+    expected = dict(int="an integer", float="a number", bool="true or false", str="a string")[kind.__name__]
+    raise ValueError(f"must be {expected}, got {value!r}")
+
+
+def check_config(cfg):
+    """Fail with one line on a setting of the wrong type, not among a Literal's values, or outside its field's valid
+    interval ("(0, inf)", "[0, 1)", ...), before any data or model is loaded. --report_to's package must import."""
+    for f in dataclasses.fields(cfg):
+        try:
+            setattr(cfg, f.name, as_setting(getattr(cfg, f.name), f.type))
+        except ValueError as e:
+            fail(f"--{f.name} {e}")
+        interval, value = re.search(r"\(valid: (.*)\)$", f.metadata["help"]), getattr(cfg, f.name)
+        if interval:
+            interval = interval.group(1)
+            low, high = map(float, interval[1:-1].split(","))
+            if not ((low < value if interval[0] == "(" else low <= value)
+                    and (value < high if interval[-1] == ")" else value <= high)):
+                need = f"{'>' if interval[0] == '(' else '>='} {low:g}" if high == math.inf else f"in {interval}"
+                fail(f"--{f.name} must be {need}, got {value}")
+    if getattr(cfg, "report_to", "none") != "none":
+        package = {"wandb": "wandb", "tensorboard": "torch.utils.tensorboard"}[cfg.report_to]
+        try:
+            __import__(package)
+        except ImportError:
+            fail(f"--report_to {cfg.report_to}: the package is not installed (pip install {cfg.report_to})")
+
+
+def changed_settings(old, new, names, flags=None):
+    """"--name old -> new; ..." for the settings among `names` that differ between two records ('' when none); only
+    the `flags` are written --name (all when None)."""
+    return "; ".join(f"{'--' if flags is None or k in flags else ''}{k} {old.get(k)!r} -> {new.get(k)!r}"
+                     for k in sorted(names) if old.get(k) != new.get(k))
+
+
+def run_script(main, cls, how_to_continue, argv=None):
+    """main(its config from the command line); Ctrl-C ends with one line saying how to continue, not a traceback."""
+    try:
+        main(parse_config(cls, argv))
+    except KeyboardInterrupt:
+        print0(f"\ninterrupted: {how_to_continue}")
+        raise SystemExit(130) from None
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass
+class World:
+    """Where this process runs: its rank among `size` processes, and its device."""
+    rank: int
+    size: int
+    device: torch.device
+
+
+def init_distributed():
+    """The World of this process. Under torchrun: NCCL on GPU, gloo on CPU. Alone: a 1-process gloo group, so the same
+    FSDP code runs everywhere."""
+    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        backend, gpu = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=gpu)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=gpu)
+    return World(rank, size, device)
+
+
+def from_rank0(value):
+    """Rank 0's value on every rank: decisions read from a shared filesystem must not differ between processes."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_rank0(fn, *args, share=True, **kwargs):
+    """fn(*args, **kwargs) run by rank 0 alone; its result on every rank (`share`) or on rank 0 only. When it fails
+    with a one-line error, every rank stops with that line, rather than the others waiting for rank 0 forever."""
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except SystemExit as e:
+            error = str(e)
+    if error := from_rank0(error):
+        raise SystemExit(error)
+    return from_rank0(result) if share else result
+
+
+def print0(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def fail(message):
+    """One clear line for the user, then exit (before any expensive work where possible)."""
+    raise SystemExit(f"error: {message}")
+
+
+def first_line(error):
+    """The first line of an exception's message ('' for none): what a one-line error quotes of it."""
+    return (str(error).splitlines() or [""])[0]
+
+
+# ----------------------------------------------------------------------------- files
+
+def sha256(data):
+    """The one checksum of this project: sha256 of bytes or text (UTF-8), as hex."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def replace_path(tmp, path):
+    """Put the finished file or folder `tmp` at `path` in one rename (an old folder there is removed first), so that a
+    crash leaves the old version or the new, never half of one. Every output of the project is written this way."""
+    if os.path.isdir(path) and os.path.isdir(tmp):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def atomic_write(path, text):
+    """Write a text file at a temporary name, then replace_path."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    replace_path(tmp, path)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    """The records of a .jsonl file, and how many lines could not be parsed (a line cut by a full disk or a kill)."""
+    records, bad = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return records, bad
+
+
+def check_writable(folder, what):
+    """Fail now, not after hours of work, if `folder` cannot be created or written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(os.path.join(folder, f".write_test{os.getpid()}"), "")
+        os.remove(os.path.join(folder, f".write_test{os.getpid()}"))
+    except OSError as e:
+        fail(f"{what} {folder}: cannot write there ({e.strerror or e})")
+
+
+def check_output(path, flag, kind, inputs=None, model=None):
+    """The pre-flight of every script's output, before any work: `path` must be a `kind` ("file" or "folder") or not
+    exist yet; it must not be one of the `inputs` ({flag: path}: it would replace it); a file must not be written
+    among the `model` folder's files (their fingerprint says which model made it), nor a folder hold the model (a run
+    replaces its final/ and checkpoints/). Its folder must be writable."""
+    if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
+        fail(f"{flag} {path} is a {'folder' if os.path.isdir(path) else 'file'}, not a {kind}")
+    for name, source in (inputs or {}).items():
+        if source and os.path.realpath(path) == os.path.realpath(source):
+            fail(f"{flag} {path} is the {name} file: it would be replaced; choose another")
+    if model and os.path.isdir(model) and kind == "file" and (
+            os.path.dirname(os.path.realpath(path)) == os.path.realpath(model)):
+        fail(f"{flag} {path} is in the model folder {model}, whose files say which model made the output; write it "
+             "elsewhere")
+    if model and os.path.isdir(model) and kind == "folder" and os.path.join(os.path.realpath(model), "").startswith(
+            os.path.join(os.path.realpath(path), "")):
+        fail(f"--model {model} is inside {flag} {path}, where this run writes final/ and checkpoints/; use another "
+             f"{flag}")
+    check_writable(path if kind == "folder" else os.path.dirname(os.path.abspath(path)), flag)
+
+
+def load_split(source, split):
+    """A datasets.Dataset from a Hub id, a folder saved by `save_to_disk`, a folder of data files, or one
+    .json/.jsonl/.parquet file (which has a single split, 'train'). Returns None when the split does not exist."""
+    import datasets
+    kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    check_data_source(source)
+    if os.path.isfile(source):
+        kind = kinds.get(os.path.splitext(source)[1])
+        if kind is None:
+            fail(f"{source}: expected a .json, .jsonl or .parquet file")
+        if split != "train":
+            return None
+        try:
+            return datasets.load_dataset(kind, data_files={"train": source}, split="train")
+        except Exception as e:  # noqa: BLE001 — name the file and, for JSON lines, the line
+            why = (kind == "json" and describe_bad_file(source)) or f"could not be read ({type(e).__name__})"
+            fail(f"{source}: {why}")
+    if os.path.isdir(source) and (os.path.exists(os.path.join(source, "dataset_dict.json"))
+                                  or os.path.exists(os.path.join(source, "dataset_info.json"))):
+        data = datasets.load_from_disk(source)
+        if isinstance(data, datasets.Dataset):
+            return data if split == "train" else None
+        return data[split] if split in data else None
+    try:
+        available = datasets.get_dataset_split_names(source)
+    except Exception as e:  # noqa: BLE001 — any loading failure is reported in one line
+        fail(f"dataset {source!r} could not be opened: {type(e).__name__}: {first_line(e)}")
+    return datasets.load_dataset(source, split=split) if split in available else None
+
+
+def require_split(source, split):
+    """load_split, failing in one line (the same in every script) when the split is missing."""
+    data = load_split(source, split)
+    if data is None:
+        fail(f"{source} has no split {split!r}")
+    return data
+
+
+def check_data_source(source):
+    """Fail in one line, before a model or tokenizer is fetched, on data that is neither a file or folder here nor a
+    Hub id."""
+    if not os.path.exists(source):
+        if source.endswith((".json", ".jsonl", ".parquet")):
+            fail(f"{source}: no such file")
+        if source.count("/") != 1:
+            fail(f"dataset {source!r}: no such file or folder, and not a Hub id (owner/name)")
+
+
+def describe_bad_file(path):
+    """Why `datasets` could not read a .json/.jsonl file: empty, or the first line that is not a JSON object."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    with open(path, errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None  # one valid JSON document: datasets' own complaint is the story
+    except json.JSONDecodeError:
+        pass
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip() and not isinstance(json.loads(line), dict):
+                return f"line {n}: expected a JSON object"
+        except json.JSONDecodeError as e:
+            return f"line {n}: not valid JSON ({e.msg})"
+    return None
+
+
+# ----------------------------------------------------------------------------- trackers
+
+def open_tracker(report_to, run_dir, name, config, resumed_at=None):
+    """log(record, step) and close() for --report_to (HF Trainer's names), rank 0 only. wandb: one run per run_dir, its
+    id kept in run_dir/wandb_run_id so that a resume continues it; TensorBoard: run_dir/tensorboard, where a resume
+    purges the events logged after its checkpoint, so that no step is there twice. The full config is logged once.
+    `update` is the step, not a metric."""
+    if report_to == "none" or dist.get_rank() != 0:
+        return (lambda record, step: None), (lambda: None)
+    if report_to == "wandb":
+        import wandb
+        id_path = os.path.join(run_dir, "wandb_run_id")
+        run_id = open(id_path).read().strip() if resumed_at is not None and os.path.exists(id_path) else None
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rebel"), id=run_id, resume="allow", name=name,
+                         dir=run_dir, config=None if run_id else config)  # a resumed run has its config already
+        atomic_write(id_path, run.id)
+        return (lambda record, step: run.log({k: v for k, v in record.items() if k != "update"}, step=step)), run.finish
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                           purge_step=None if resumed_at is None else resumed_at + 1)
+    if resumed_at is None:
+        writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))  # shown as code
+
+    def log(record, step):
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "update":
+                writer.add_scalar(key, value, step)
+        writer.flush()
+    return log, writer.close
+
+
+def log_summary(report_to, output, config, prefix, summary):
+    """A finished generate.py or score.py run's summary, as one record under `prefix/`, in OUTPUT.shards/'s tracker."""
+    log, close = open_tracker(report_to, output + ".shards", os.path.basename(output), config)
+    log({f"{prefix}/{k}": v for k, v in summary.items()}, 0)
+    close()
 
 
 if __name__ == "__main__":

@@ -19,57 +19,67 @@ of its parameters is refused; a prompt the reward model cannot score is dropped 
     # a rule-based reward: a function (prompt, response) -> float in a Python file
     python score.py --input gen.jsonl --reward_fn my_rewards.py:correct --output pairs.jsonl
     # one node, 8 GPUs, one reward model per GPU, with a held-out test split (rebel.py's default split names):
-    torchrun --nproc_per_node=8 score.py --input runs/iter_1/generations.jsonl --output runs/iter_1/pairs --test_size 1000
+    torchrun --nproc_per_node=8 score.py --input runs/iter_1/generations.jsonl --output runs/iter_1/pairs \\
+        --test_size 1000
     # several nodes: as for generate.py. After a crash: the same command again continues where it stopped
 
 Like generate.py, the rows are cut into blocks (block_size prompts) dealt over the processes; each scored block is
 saved atomically in OUTPUT.shards/ and skipped by a rerun; rank 0 merges them and picks the pairs.
 """
-import hashlib
 import importlib.util
 import json
 import math
 import numbers
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
 from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from generate import check_output_path, fingerprint, open_shards, run_blocks, write_rows
-from rebel import (BadRow, arg, chat_messages, check_config, check_prompt_column, check_writable, compute_dtype, fail, init_distributed,
-                   load_split, load_tokenizer, open_tracker, print0, run_script)
+from generate import fingerprint, open_shards, run_blocks, write_rows
+from rebel import (BadRow, arg, chat_messages, check_config, check_output, check_prompt_column, check_writable,
+                   compute_dtype, fail, first_line, init_distributed, load_tokenizer, log_summary, print0,
+                   replace_path, require_split, run_script, sha256)
 
 
 @dataclass
 class Config:
-    input: str = arg("runs/generations.parquet", "generate.py's output: Hub id, datasets folder, or .json/.jsonl/.parquet file")
+    input: str = arg("runs/generations.parquet", "generate.py's output: Hub id, datasets folder, or "
+                     ".json/.jsonl/.parquet file")
     split: str = arg("train", "split of --input to read")
-    output: str = arg("runs/pairs.jsonl", "a .jsonl or .parquet file; with --test_size, a datasets folder (save_to_disk)")
-    reward_model: str = arg("RLHFlow/ArmoRM-Llama3-8B-v0.1", "sequence-classification reward model or ArmoRM (Hub id or local folder)")
+    output: str = arg("runs/pairs.jsonl", "a .jsonl or .parquet file; with --test_size, a datasets folder "
+                      "(save_to_disk)")
+    reward_model: str = arg("RLHFlow/ArmoRM-Llama3-8B-v0.1", "sequence-classification reward model or ArmoRM (Hub id "
+                            "or local folder)")
     reward_fn: str = arg("", "instead of a reward model: path/to/file.py:name, a function (prompt, response) -> float")
-    trust_remote_code: bool = arg(False, "run the Python code in the reward model's folder/repository (ArmoRM does not need it)")
-    max_length: int = arg(4096, "reward-model input: the chat template of [user, assistant], cut to its first this many tokens")
-    batch_size: int = arg(8, "sequences per reward-model forward, grouped by length")
-    block_size: int = arg(128, "prompts per block: the unit of sharding over processes and of resuming")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = arg("auto", "reward model dtype: auto = bfloat16 on GPU, float32 on CPU")
-    drop_truncated: bool = arg(True, "drop prompts with a response that hit generate.py's max_new_tokens (the authors' length filter)")
-    test_size: int = arg(0, "hold out this many pairs (seeded) as split test_prefs, the rest being train_prefs; 0 = one file")
-    seed: int = arg(0, "seed of the train/test split")
-    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send the run's summary (counts, reward statistics) to this tracker")
+    trust_remote_code: bool = arg(False, "run the Python code in the reward model's folder/repository (ArmoRM does "
+                                  "not need it)")
+    max_length: int = arg(4096, "reward-model input: the chat template of [user, assistant], cut to its first this "
+                          "many tokens", "[1, inf)")
+    batch_size: int = arg(8, "sequences per reward-model forward, grouped by length", "[1, inf)")
+    block_size: int = arg(128, "prompts per block: the unit of sharding over processes and of resuming", "[1, inf)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = arg("auto", "reward model dtype: auto = bfloat16 on "
+                                                                   "GPU, float32 on CPU")
+    drop_truncated: bool = arg(True, "drop prompts with a response that hit generate.py's max_new_tokens (the "
+                               "authors' length filter)")
+    test_size: int = arg(0, "hold out this many pairs (seeded) as split test_prefs, the rest being train_prefs; "
+                         "0 = one file", "[0, inf)")
+    seed: int = arg(0, "seed of the train/test split", "[0, 4294967296)")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send the run's summary (counts, reward "
+                                                             "statistics) to this tracker")
 
     def __post_init__(self):
-        check_config(self, max_length="[1, inf)", batch_size="[1, inf)", block_size="[1, inf)", test_size="[0, inf)", seed="[0, 4294967296)")
+        check_config(self)
         if self.test_size and self.output.endswith((".jsonl", ".parquet", ".json")):
-            fail(f"--test_size writes a datasets folder with splits train_prefs and test_prefs: give --output a folder, not {self.output}")
-        if not self.test_size:
-            check_output_path(self.output, "" if self.reward_fn else self.reward_model)
+            fail("--test_size writes a datasets folder with splits train_prefs and test_prefs: give --output a "
+                 f"folder, not {self.output}")
+        if not self.test_size and not self.output.endswith((".jsonl", ".parquet")):
+            fail(f"--output {self.output}: expected a .jsonl or .parquet file")
 
 
 # ----------------------------------------------------------------------------- input and rewards
@@ -98,7 +108,8 @@ def check_rows(rows, where, need_truncated):
             fail(f"{where} row {i}: 'response_ids' must be {k} lists of token ids, one per response")
         if need_truncated and (not isinstance(row["truncated"], list) or len(row["truncated"]) != k
                                or not all(isinstance(t, bool) for t in row["truncated"])):
-            fail(f"{where} row {i}: 'truncated' must be a list of {k} booleans, one per response, got {str(row['truncated'])[:80]}")
+            fail(f"{where} row {i}: 'truncated' must be a list of {k} booleans, one per response, got "
+                 f"{str(row['truncated'])[:80]}")
     if k < 2:
         fail(f"{where}: {k} response per prompt; a pair needs at least 2")
     return k
@@ -116,7 +127,7 @@ def load_reward_fn(spec):
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 — a syntax error, a missing import, ...: one line naming the file
-        fail(f"--reward_fn {spec}: {path} could not be imported: {type(e).__name__}: {e}")
+        fail(f"--reward_fn {spec}: {path} could not be imported: {type(e).__name__}: {first_line(e)}")
     if not callable(getattr(module, name, None)):
         fail(f"--reward_fn {spec}: {path} has no function {name!r}")
     return getattr(module, name)
@@ -129,7 +140,8 @@ def check_reward(value, where):
 
 
 def function_rewards(fn, spec, rows, block):
-    """{index, rewards, cut, dropped} for each row of the block, from the Python reward function (which fails loudly)."""
+    """{index, rewards, cut, dropped} for each row of the block, from the Python reward function (which fails
+    loudly)."""
     out = []
     for i in block:
         rewards = []
@@ -336,6 +348,27 @@ def select_pair(rewards, responses, truncated, drop_truncated):
     return best, worst, None
 
 
+def make_pairs(rows, scored, drop_truncated):
+    """(pairs, Counter of why prompts were dropped): every input row with its rewards, and its best response as
+    `chosen`, its worst as `rejected` (with their sampled ids when the row has them, which rebel.py then trains)."""
+    pairs, dropped = [], Counter()
+    for i, row in enumerate(rows):
+        rewards = scored[i]["rewards"]
+        if rewards is None:  # the reward model could not score this prompt
+            dropped[scored[i]["dropped"]] += 1
+            continue
+        chosen, rejected, why = select_pair(rewards, row["responses"], row.get("truncated") or [], drop_truncated)
+        if why:
+            dropped[why] += 1
+            continue
+        pairs.append({**row, "rewards": rewards, "chosen": row["responses"][chosen],
+                      "rejected": row["responses"][rejected], "chosen_reward": rewards[chosen],
+                      "rejected_reward": rewards[rejected]})
+        if "response_ids" in row:
+            pairs[-1].update(chosen_ids=row["response_ids"][chosen], rejected_ids=row["response_ids"][rejected])
+    return pairs, dropped
+
+
 def summary(pairs, all_rewards):
     chosen, rejected = [p["chosen_reward"] for p in pairs], [p["rejected_reward"] for p in pairs]
     lines = [f"{'reward':<12}{'mean':>12}{'median':>12}"]
@@ -347,63 +380,52 @@ def summary(pairs, all_rewards):
 # ----------------------------------------------------------------------------- main
 
 def main(cfg):
-    rank, world_size, device = init_distributed()
-    if cfg.test_size and os.path.exists(cfg.output) and not os.path.exists(os.path.join(cfg.output, "dataset_dict.json")):
-        fail(f"--output {cfg.output} exists and is not a datasets folder that score.py wrote: it would be replaced; choose another")
-    if not cfg.test_size and os.path.isdir(cfg.output):
-        fail(f"--output {cfg.output} is a folder, expected a file")
-    if os.path.realpath(cfg.output) == os.path.realpath(cfg.input):
-        fail(f"--output {cfg.output} is the --input file: it would be replaced; choose another")
+    world = init_distributed()
+    check_output(cfg.output, "--output", "folder" if cfg.test_size else "file", inputs={"--input": cfg.input},
+                 model=None if cfg.reward_fn or cfg.test_size else cfg.reward_model)
+    if cfg.test_size and os.path.exists(cfg.output) and not os.path.exists(os.path.join(cfg.output,
+                                                                                        "dataset_dict.json")):
+        fail(f"--output {cfg.output} exists and is not a datasets folder that score.py wrote: it would be replaced; "
+             "choose another")
     check_writable(cfg.output + ".shards", "--output")
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-    dtype = compute_dtype(cfg.dtype, device)
+    dtype = compute_dtype(cfg.dtype, world.device)
 
     # input: read and check every row before the reward model is loaded
-    data = load_split(cfg.input, cfg.split)
-    if data is None:
-        fail(f"{cfg.input} has no split {cfg.split!r}")
+    data = require_split(cfg.input, cfg.split)
     if "prompt" in data.column_names:
         check_prompt_column(data, "prompt", cfg.input)
     rows = data.to_list()
     k = check_rows(rows, cfg.input, cfg.drop_truncated)
     tokenizer = None if reward_fn else load_tokenizer(cfg.reward_model)
     blocks = [list(range(s, min(s + cfg.block_size, len(rows)))) for s in range(0, len(rows), cfg.block_size)]
-    settings = dict(reward=cfg.reward_fn or cfg.reward_model, function=cfg.reward_fn.rpartition(":")[2] if reward_fn else None,
-                    max_length=None if reward_fn else cfg.max_length,
-                    dtype=None if reward_fn else cfg.dtype, block_size=cfg.block_size,
-                    trust_remote_code=None if reward_fn else cfg.trust_remote_code,
-                    # a reward function's file is part of what the rewards depend on: an edited one is not mixed with the old
-                    reward_fn_sha256=hashlib.sha256(open(cfg.reward_fn.rpartition(":")[0], "rb").read()).hexdigest()[:16] if reward_fn else None,
-                    input_sha256=fingerprint([row["prompt"], row["responses"], row.get("response_ids")] for row in rows))
-    shards, old = open_shards(cfg.output, settings, paths=("reward",))  # compared by content: the file's or model's
-    print0(f"{len(rows)} prompts × {k} responses | reward {settings['reward']} | {len(blocks)} blocks of {cfg.block_size} "
-           f"prompts | {world_size} processes | device {device.type}" + ("" if reward_fn else f" | dtype {dtype}"))
+    model_settings = None if reward_fn else cfg  # settings that only a reward model reads
+    settings = dict(reward=cfg.reward_fn or cfg.reward_model,
+                    function=cfg.reward_fn.rpartition(":")[2] if reward_fn else None,
+                    max_length=model_settings and cfg.max_length, dtype=model_settings and cfg.dtype,
+                    block_size=cfg.block_size, trust_remote_code=model_settings and cfg.trust_remote_code,
+                    # a reward function's file is part of what the rewards depend on: an edited one is not mixed in
+                    reward_fn_sha256=sha256(open(cfg.reward_fn.rpartition(":")[0], "rb").read()) if reward_fn else None,
+                    input_sha256=fingerprint([row["prompt"], row["responses"], row.get("response_ids")]
+                                             for row in rows))
+    shards, old = open_shards(cfg.output, settings, flags=vars(cfg), paths=("reward",))  # compared by content
+    print0(f"{len(rows)} prompts × {k} responses | reward {settings['reward']} | {len(blocks)} blocks of "
+           f"{cfg.block_size} prompts | {world.size} processes | device {world.device.type}"
+           + ("" if reward_fn else f" | dtype {dtype}"))
 
     def make_worker():
         if reward_fn:
             return lambda b, block: (function_rewards(reward_fn, cfg.reward_fn, rows, block), len(block) * k)
-        model = load_reward_model(cfg, dtype, tokenizer).to(device).eval()
-        return lambda b, block: model_rewards(model, tokenizer, rows, block, cfg, device)
+        model = load_reward_model(cfg, dtype, tokenizer).to(world.device).eval()
+        return lambda b, block: model_rewards(model, tokenizer, rows, block, cfg, world.device)
 
-    scored = run_blocks(blocks, shards, (settings, old), make_worker, None if reward_fn else cfg.reward_model, rank, world_size,
+    scored = run_blocks(blocks, shards, (settings, old), make_worker, None if reward_fn else cfg.reward_model, world,
                         "responses" if reward_fn else "tokens")
-    if rank == 0:
+    if world.rank == 0:
         scored = {s["index"]: s for s in scored}
-        pairs, dropped = [], Counter()
-        for i, row in enumerate(rows):
-            rewards = scored[i]["rewards"]
-            if rewards is None:  # the reward model could not score this prompt
-                dropped[scored[i]["dropped"]] += 1
-                continue
-            chosen, rejected, why = select_pair(rewards, row["responses"], row.get("truncated") or [], cfg.drop_truncated)
-            if why:
-                dropped[why] += 1
-                continue
-            pairs.append({**row, "rewards": rewards, "chosen": row["responses"][chosen], "rejected": row["responses"][rejected],
-                          "chosen_reward": rewards[chosen], "rejected_reward": rewards[rejected]})
-            if "response_ids" in row:  # the sampled tokens, which rebel.py then trains on exactly
-                pairs[-1].update(chosen_ids=row["response_ids"][chosen], rejected_ids=row["response_ids"][rejected])
-        replaced = sorted({"rewards", "chosen", "rejected", "chosen_reward", "rejected_reward", "chosen_ids", "rejected_ids"} & rows[0].keys())
+        pairs, dropped = make_pairs(rows, scored, cfg.drop_truncated)
+        replaced = sorted({"rewards", "chosen", "rejected", "chosen_reward", "rejected_reward", "chosen_ids",
+                           "rejected_ids"} & rows[0].keys())
         if replaced:
             print0(f"note: input columns {', '.join(replaced)} are replaced by this scoring")
         cut = sum(s["cut"] for s in scored.values())
@@ -412,27 +434,31 @@ def main(cfg):
         print0(f"dropped {sum(dropped.values())} of {len(rows)} prompts"
                + "".join(f" | {n} {why}" for why, n in sorted(dropped.items())) + f" | {len(pairs)} pairs kept")
         if len(pairs) <= cfg.test_size:
-            fail(f"{len(pairs)} pairs kept: " + (f"not enough for --test_size {cfg.test_size} and a train split" if pairs else "nothing to train on"))
+            fail(f"{len(pairs)} pairs kept: " + (f"not enough for --test_size {cfg.test_size} and a train split"
+                                                 if pairs else "nothing to train on"))
         print0(summary(pairs, [r for s in scored.values() for r in s["rewards"] or []]))
-        log, close = open_tracker(cfg.report_to, cfg.output + ".shards", os.path.basename(cfg.output), vars(cfg))
-        log({"score/pairs": len(pairs), "score/prompts_dropped": sum(dropped.values()), "score/inputs_cut": cut,
-             "score/chosen_reward_mean": float(np.mean([p["chosen_reward"] for p in pairs])),
-             "score/rejected_reward_mean": float(np.mean([p["rejected_reward"] for p in pairs]))}, 0)
-        close()
+        log_summary(cfg.report_to, cfg.output, vars(cfg), "score", {
+            "pairs": len(pairs), "prompts_dropped": sum(dropped.values()), "inputs_cut": cut,
+            "chosen_reward_mean": float(np.mean([p["chosen_reward"] for p in pairs])),
+            "rejected_reward_mean": float(np.mean([p["rejected_reward"] for p in pairs]))})
         if cfg.test_size:
-            from datasets import Dataset, DatasetDict
-            held_out = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.test_size].tolist())
-            splits = DatasetDict(train_prefs=Dataset.from_list([p for n, p in enumerate(pairs) if n not in held_out]),
-                                 test_prefs=Dataset.from_list([p for n, p in enumerate(pairs) if n in held_out]))
-            tmp = f"{cfg.output}.tmp{os.getpid()}"
-            splits.save_to_disk(tmp)
-            shutil.rmtree(cfg.output, ignore_errors=True)
-            os.replace(tmp, cfg.output)
+            write_splits(cfg.output, pairs, cfg.test_size, cfg.seed)
             print0(f"{len(pairs) - cfg.test_size} train_prefs + {cfg.test_size} test_prefs pairs -> {cfg.output}")
         else:
             write_rows(cfg.output, pairs)
             print0(f"{len(pairs)} pairs -> {cfg.output}")
     dist.destroy_process_group()
+
+
+def write_splits(output, pairs, test_size, seed):
+    """A datasets folder with splits train_prefs and test_prefs (test_size seeded pairs), rebel.py's defaults."""
+    from datasets import Dataset, DatasetDict
+    held_out = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:test_size].tolist())
+    splits = DatasetDict(train_prefs=Dataset.from_list([p for n, p in enumerate(pairs) if n not in held_out]),
+                         test_prefs=Dataset.from_list([p for n, p in enumerate(pairs) if n in held_out]))
+    tmp = f"{output}.tmp{os.getpid()}"
+    splits.save_to_disk(tmp)
+    replace_path(tmp, output)
 
 
 if __name__ == "__main__":

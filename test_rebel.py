@@ -249,7 +249,7 @@ def test_logprobs_match_naive_and_ignore_padding_and_batching(tiny_model, tmp_pa
                          for p in pairs])
 
     def batched(group, chunk):
-        out = rebel.response_logprobs(model, *rebel.collate(group, tokenizer.pad_token_id), temperature, chunk)
+        out = rebel.response_logprobs(model, *rebel.collate(rebel.pair_sequences(group)), temperature, chunk)
         return out.view(2, len(group)).T
 
     together = batched(pairs, chunk=7)                                  # all six padded to the longest, 7-token chunks
@@ -257,7 +257,7 @@ def test_logprobs_match_naive_and_ignore_padding_and_batching(tiny_model, tmp_pa
     torch.testing.assert_close(together, naive, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(alone, naive, atol=1e-4, rtol=1e-5)
     assert not torch.allclose(batched(pairs, 7), rebel.response_logprobs(  # the temperature does change the result
-        model, *rebel.collate(pairs, tokenizer.pad_token_id), 1.0, 7).view(2, -1).T)
+        model, *rebel.collate(rebel.pair_sequences(pairs)), 1.0, 7).view(2, -1).T)
 
     # gradients of the chunked, recomputed path equal the naive ones
     model.zero_grad()
@@ -327,7 +327,7 @@ def test_two_processes_equal_one_and_final_model_reloads(tiny_model, tmp_path, c
     rows = Dataset.from_list(read_jsonl(data))
     pairs = [p for p in rebel.tokenize_pairs(rows, tokenizer, "t", len(tokenizer)) if p["index"] in ref]
     with torch.no_grad():
-        logps = rebel.response_logprobs(model, *rebel.collate(pairs, tokenizer.pad_token_id), 0.8, 1024).view(2, -1)
+        logps = rebel.response_logprobs(model, *rebel.collate(rebel.pair_sequences(pairs)), 0.8, 1024).view(2, -1)
     diff = (logps[0] - torch.tensor([ref[p["index"]][0] for p in pairs])) - (logps[1] - torch.tensor([ref[p["index"]][1] for p in pairs]))
     gap = torch.tensor([p["chosen_reward"] - p["rejected_reward"] for p in pairs])
     assert len(pairs) == 8 and ((diff - gap) ** 2).mean().item() == pytest.approx(m1[-1]["val_loss"], rel=1e-4)
@@ -731,7 +731,7 @@ def test_generate_resumes_after_an_interruption(tiny_model, tmp_path, capsys):
     assert read_jsonl(gen(tiny_model, prompts, out)) == resumed
     printed = capsys.readouterr().out
     assert all(f"block_00000{b}.jsonl is damaged" in printed for b in (1, 2, 3)) and "2 of 5 blocks already saved" in printed
-    with pytest.raises(SystemExit, match=r"part\.jsonl\.shards holds blocks made with other settings \(temperature 0\.8 -> 1\.5\)"):
+    with pytest.raises(SystemExit, match=r"part\.jsonl\.shards holds blocks made with other settings \(--temperature 0\.8 -> 1\.5\)"):
         gen(tiny_model, prompts, out, temperature=1.5)
     write_prompts(tmp_path / "prompts.jsonl", n=9, seed=1)  # other prompts under the same file name
     with pytest.raises(SystemExit, match=r"other settings \(prompts_sha256"):
@@ -762,7 +762,7 @@ def test_generate_bad_input_fails_before_loading_the_model(tiny_model, tmp_path,
         (dict(temperature=0.0), r"--temperature must be > 0, got 0.0"),
         (dict(max_prompt_len=0), r"--max_prompt_len must be >= 1, got 0"),
         (dict(prompts=write_jsonl(tmp_path / "empty.jsonl", [])), r"empty\.jsonl: the file is empty"),
-        (dict(output=str(folder)), r"--output .*folder\.jsonl is a folder, expected a file"),
+        (dict(output=str(folder)), r"--output .*folder\.jsonl is a folder, not a file"),
         (dict(model=str(no_weights)), r"model folder .*no_weights has no weights"),
         (dict(dtype="fp8"), r"--dtype must be"),
     ]
@@ -1921,7 +1921,7 @@ def memory_probe(method, tokenizer_dir, pairs_file):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pairs = json.load(open(pairs_file))
     model = bench_model(128256)
-    input_ids, positions, rows = rebel.collate(pairs, tokenizer.eos_token_id)
+    input_ids, positions, rows = rebel.collate(rebel.pair_sequences(pairs))
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
     start = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
     if method == "chunked":
@@ -1960,7 +1960,7 @@ def bench_rows(tmp_path, tokenizer, pairs, llama, gsm8k):
     batch = list(range(32))
     start = time.time()
     for group in rebel.micro_batches(pairs, batch, cfg.micro_batch_size):
-        logps = rebel.response_logprobs(model, *rebel.collate(group, pad_id), 0.8, cfg.logprob_chunk)
+        logps = rebel.response_logprobs(model, *rebel.collate(rebel.pair_sequences(group)), 0.8, cfg.logprob_chunk)
         torch.stack([logps[:len(group)], logps[len(group):]]).sum().backward()
     optimizer.step(); optimizer.zero_grad()
     ours = time.time() - start
@@ -1985,7 +1985,7 @@ def bench_rows(tmp_path, tokenizer, pairs, llama, gsm8k):
     with torch.no_grad():
         start = time.time()
         for group in rebel.micro_batches(pairs, range(64), cfg.eval_micro_batch_size):
-            rebel.response_logprobs(model, *rebel.collate(group, pad_id), 0.8, cfg.logprob_chunk)
+            rebel.response_logprobs(model, *rebel.collate(rebel.pair_sequences(group)), 0.8, cfg.logprob_chunk)
         ours = time.time() - start
         start = time.time()
         for i in range(8):
@@ -2004,7 +2004,8 @@ def bench_rows(tmp_path, tokenizer, pairs, llama, gsm8k):
     for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:4]])):
         start, tokens = time.time(), 0
         for group in groups:
-            tokens += sum(n for samples in generate.hf_sample(model, tokenizer, group, settings, stop_ids, 0) for _, _, n, _ in samples)
+            tokens += sum(n for samples in generate.hf_sample(model, group, **generate.sampling(settings), stop_ids=stop_ids, seed=0)
+                          for n in map(len, (ids for ids, _ in samples)))
         timed[name] = tokens / (time.time() - start)
     rows.append(("generate.py, 5 samples per prompt (new tokens/s)", timed["one"], timed["batched"], "{:.0f}"))
     gsm8k_train, gsm8k_test = gsm8k
@@ -2087,8 +2088,8 @@ NO_DATASETS = ("`datasets` cannot be imported here ({}); rebel.py reads its data
 
 
 def gpu_run(device):
-    """rebel.Run of one process, pad id 0 (the random pairs never contain padding that counts)."""
-    return rebel.Run(rank=0, world_size=1, device=device, dtype=rebel.compute_dtype("auto", device), pad_id=0)
+    """rebel.World of one process."""
+    return rebel.World(rank=0, size=1, device=device)
 
 
 def measure(device, fn):
@@ -2234,7 +2235,7 @@ def forward_flops(pairs, shape, head_only=False):
 
 def build(cfg, device):
     """rebel.py's model (fp32 master weights, FSDP, bf16 compute) and optimizer."""
-    model = rebel.build_model(cfg, device, torch.bfloat16)
+    model = rebel.build_model(cfg, rebel.World(0, 1, device), torch.bfloat16)
     return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay)
 
@@ -2250,7 +2251,7 @@ def set_checkpointing(model, on):
 
 def logprobs(ctx, model, group, cfg):
     """rebel.py's log-probs of a micro-batch (model.response_logprobs, as build_model attaches it): chosen, then rejected."""
-    return model.response_logprobs(*rebel.to_device(rebel.collate(group, 0), ctx.device), cfg.temperature, cfg.logprob_chunk)
+    return model.response_logprobs(*rebel.to_device(rebel.collate(rebel.pair_sequences(group)), ctx.device), cfg.temperature, cfg.logprob_chunk)
 
 
 def time_training(ctx, model, optimizer, pairs, micro_batch_size, cfg):
@@ -2277,8 +2278,8 @@ def time_training(ctx, model, optimizer, pairs, micro_batch_size, cfg):
 
 def time_reference(ctx, model, pairs, cfg):
     """Seconds of rebel.py's reference pass over the pairs (all_logprobs: no grad, eval_micro_batch_size per forward)."""
-    rebel.all_logprobs(model, pairs[:ctx.sizes["update_pairs"]], cfg, gpu_run(ctx.device), "warm-up")
-    return measure(ctx.device, lambda: rebel.all_logprobs(model, pairs, cfg, gpu_run(ctx.device), "reference pass"))[0]
+    rebel.pair_logprobs(model, pairs[:ctx.sizes["update_pairs"]], cfg, gpu_run(ctx.device), "warm-up")
+    return measure(ctx.device, lambda: rebel.pair_logprobs(model, pairs, cfg, gpu_run(ctx.device), "reference pass"))[0]
 
 
 def working_memory(ctx, model, group, cfg):
@@ -2401,7 +2402,7 @@ def gpu_llama_1b(ctx):
     del plain
     gc.collect()  # (the method attached above makes a reference cycle): its memory must not count in the peaks below
     model, optimizer = build(cfg, device)
-    bf16 = rebel.all_logprobs(model, pairs, cfg, gpu_run(device), "bf16 log-probs")
+    bf16 = rebel.pair_logprobs(model, pairs, cfg, gpu_run(device), "bf16 log-probs")
     diff = torch.tensor([abs(bf16[p["index"]][k] - fp32[p["index"]][k]) for p in pairs for k in (0, 1)], dtype=torch.float64)
     per_token = diff / torch.tensor([len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")], dtype=torch.float64)
     levels = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)
@@ -2424,7 +2425,7 @@ def gpu_llama_1b(ctx):
             m = time_training(ctx, model, optimizer, pairs, mb, cfg)
             # hardware FLOPs add the recomputed forwards: of the lm_head chunks always, of the decoder layers with checkpointing
             hardware = 3 * flops + (flops if checkpointing else forward_flops(pairs, shape, head_only=True))
-            padded = sum(rebel.collate(g, 0)[0].numel() for k in range(0, len(pairs), size)
+            padded = sum(rebel.collate(rebel.pair_sequences(g))[0].numel() for k in range(0, len(pairs), size)
                          for g in rebel.micro_batches(pairs[k:k + size], range(len(pairs[k:k + size])), mb))
             seconds = m["seconds"]
             r = runs[f"mb{mb}_ac_{'on' if checkpointing else 'off'}"] = dict(
@@ -2506,11 +2507,12 @@ def gpu_generation(ctx):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=rebel.compute_dtype("auto", device)).to(device).eval()
     settings, stop_ids = generate.Config(model=folder, max_new_tokens=s["new_tokens"]), generate.stop_token_ids(tokenizer, folder, rebel.load_model_config(folder))
     prompts = [p["prompt_ids"] for p in random_pairs(ctx, ALPACA_EVAL_LENGTHS[:s["gen_prompts"]], s["llama_1b"]["vocab_size"])]
-    generate.hf_sample(model, tokenizer, prompts[:1], dataclasses.replace(settings, max_new_tokens=2), stop_ids, 0)  # warm-up
+    generate.hf_sample(model, prompts[:1], **generate.sampling(dataclasses.replace(settings, max_new_tokens=2)),
+                       stop_ids=stop_ids, seed=0)  # warm-up
     rates = {}
     for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:s["gen_single"]]])):
         seconds, _, _, made = measure(device, lambda: sum(n for g in groups for samples in generate.hf_sample(
-            model, tokenizer, g, settings, stop_ids, 0) for _, _, n, _ in samples))
+            model, g, **generate.sampling(settings), stop_ids=stop_ids, seed=0) for n in map(len, (i for i, _ in samples))))
         rates[name] = ctx.out[f"hf_sample_{name}_tokens_per_s"] = made / seconds
     row(ctx, f"generate.py hf_sample, {len(prompts)} prompts × {settings.num_samples} samples per call",
         f"{rates['batched']:.0f} new tokens/s")
