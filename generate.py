@@ -52,10 +52,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rebel import (STRFTIME_NOW, BadRow, arg, atomic_write, changed_settings, check_config, check_output,
+from rebel import (STRFTIME_NOW, arg, atomic_write, changed_settings, check_config, check_output,
                    check_prompt_column, check_writable, compute_dtype, end_of_turn, fail, files_fingerprint, first_line,
                    from_rank0, init_distributed, load_model_config, load_pretrained, load_tokenizer, lock_folder,
-                   log_summary, print0, prompt_tokens, replace_path, report_dropped, require_split, run_script, sha256)
+                   log_summary, print0, replace_path, require_split, run_script, sha256, template_prompts)
 
 
 @dataclass
@@ -219,17 +219,7 @@ def main(cfg):
         data = data.select(range(min(cfg.limit, len(data))))
     prompts = list(data[cfg.prompt_column])
     prompt_ids = list(data["prompt_id"]) if "prompt_id" in data.column_names else list(range(len(data)))
-    tokens, dropped = {}, []
-    for i, p in enumerate(tqdm(prompts, desc="template prompts", unit="prompt",
-                               disable=world.rank != 0 or len(prompts) < 1000)):
-        try:
-            tokens[i] = prompt_tokens(tokenizer, p, date)[1]
-            if len(tokens[i]) > cfg.max_prompt_len:
-                raise BadRow(f"longer than --max_prompt_len {cfg.max_prompt_len} tokens")
-        except BadRow as e:
-            tokens.pop(i, None)
-            dropped.append((i, str(e)))
-    report_dropped(dropped, len(prompts), cfg.prompts)
+    tokens, dropped = template_prompts(prompts, tokenizer, cfg.max_prompt_len, cfg.prompts, world, date)
     if not tokens:
         fail(f"{cfg.prompts}: no prompt to sample from" + (f" ({dropped[0][1]}, ...)" if dropped else ""))
     kept = sorted(tokens)

@@ -19,6 +19,7 @@ with FSDP2 (`fully_shard`). Defaults reproduce REBEL-Llama-3-Armo-iter_1 (Meta-L
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 rebel.py
     # resume after a crash or a job's time limit: the same command plus --resume
 """
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -87,9 +88,34 @@ class Config:
     save_final: bool = arg(True, "write a consolidated Hugging Face model to output_dir/final")
     report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send metrics.jsonl's records to this "
                                                              "tracker (rank 0)")
+    epochs_per_batch: int = arg(1, "passes over each update's pairs, one optimizer step each", "[1, inf)")
+    lr_schedule: Literal["cosine", "linear"] = arg("cosine", "cosine: warm-up, then cosine decay to 0; linear: "
+                                                   "lr·(1 − update/updates), no warm-up (the online runs')")
+    num_layers_unfrozen: int = arg(0, "train only the last N decoder layers, the final norm and the head; 0 = all",
+                                   "[0, inf)")
+    # online REBEL: every update samples from the current policy, scores, and regresses (ONLINE_DEFAULTS apply)
+    online: bool = arg(False, "online REBEL: prompts from --dataset's --prompt_column, num_samples responses each")
+    prompt_column: str = arg("prompt", "online: the column of prompts (a string, or a list of messages)")
+    num_samples: int = arg(2, "online: responses per prompt; chosen/rejected = highest/lowest reward", "[2, inf)")
+    max_new_tokens: int = arg(1024, "online: most tokens per response (top_p 1, no top_k)", "[1, inf)")
+    rollout_block: int = arg(8, "online: prompts per generate call, each block seeded from (seed, update, block)",
+                             "[1, inf)")
+    reward_model: str = arg("", "online: a reward model score.py scores with (Hub id or local folder)")
+    reward_base: str = arg("meta-llama/Llama-2-7b-chat-hf", "online: config and tokenizer of a Starling reward model")
+    reward_fn: str = arg("", "online: instead, path/to/file.py:name, a function (prompt, response) -> float")
+    trust_remote_code: bool = arg(False, "online: run the Python code of the reward model's repository")
+    reward_scale: float = arg(1.0, "online: the score is multiplied by this (the authors' Eurus-RM: 0.001)")
+    missing_eos_penalty: float = arg(-4.0, "online: the score of a response without a stop token (replaces it)")
+    kl_coef: float = arg(0.05, "online: reward = score − kl_coef·Σ(log π_t − log π_0) over the response", "[0, inf)")
 
     def __post_init__(self):
         check_config(self)
+
+
+# the authors' online runs (REBEL-OpenChat-3.5, REBEL-Llama-3), applied with --online true to the settings not given
+ONLINE_DEFAULTS = dict(dataset="allenai/ultrafeedback_binarized_cleaned_train", train_split="train", eta=1.0, lr=1e-7,
+                       temperature=0.5, batch_size=32, warmup_ratio=0.0, lr_schedule="linear", epochs_per_batch=4,
+                       num_layers_unfrozen=4)
 
 
 # ----------------------------------------------------------------------------- the REBEL math
@@ -203,33 +229,21 @@ def policy_logprobs(model, pairs, cfg, world):
 
 
 @torch.no_grad()
-def all_logprobs(model, sequences, cfg, world, desc):
-    """[S] log π(response | prompt) of S (prompt ids, response ids) sequences: sorted by length into micro-batches of
-    2·eval_micro_batch_size (independent of the number of processes), dealt over the processes, gathered."""
-    order = sorted(range(len(sequences)), key=lambda s: (-sum(map(len, sequences[s])), s))
-    size = 2 * cfg.eval_micro_batch_size
-    batches = [order[s:s + size] for s in range(0, len(order), size)]
+def all_logprobs(model, pairs, cfg, world, desc):
+    """{pair index: (log π(chosen), log π(rejected))} of every pair: micro-batches of eval_micro_batch_size pairs
+    (independent of the number of processes), dealt over the processes, gathered."""
+    batches = micro_batches(pairs, range(len(pairs)), cfg.eval_micro_batch_size)
     done = []
     for batch in tqdm(for_rank(batches, world.rank, world.size), desc=desc, unit="batch", disable=world.rank != 0,
                       leave=False):
-        inputs = to_device(collate([sequences[s] for s in batch or batches[0]]), world.device)
-        logps = model.response_logprobs(*inputs, cfg.temperature, cfg.logprob_chunk)
+        logps = policy_logprobs(model, batch or batches[0], cfg, world)
         if batch is not None:
             done.append((batch, logps))  # kept on the device: one host sync at the end
-    results = [(s, logp) for batch, logps in done for s, logp in zip(batch, logps.tolist())]
+    results = [(p["index"], c, r) for batch, logps in done for p, (c, r) in zip(batch, logps.T.tolist())]
     model.reshard()  # FSDP keeps the root unsharded after a forward with no backward; the optimizer needs the shards
     gathered = [None] * world.size
     dist.all_gather_object(gathered, results)
-    logps = [0.0] * len(sequences)
-    for s, logp in (r for part in gathered for r in part):
-        logps[s] = logp
-    return logps
-
-
-def pair_logprobs(model, pairs, cfg, world, desc):
-    """{pair index: (log π(chosen), log π(rejected))} of every pair."""
-    logps = all_logprobs(model, pair_sequences(pairs), cfg, world, desc)
-    return {p["index"]: (logps[n], logps[n + len(pairs)]) for n, p in enumerate(pairs)}
+    return {index: (c, r) for part in gathered for index, c, r in part}
 
 
 def reference_logprobs(model, splits, cfg, world, run_key):
@@ -239,7 +253,7 @@ def reference_logprobs(model, splits, cfg, world, run_key):
     ref_logps = read_reference_cache(cfg.output_dir, splits, run_key)
     if ref_logps is None:
         start = time.time()
-        ref_logps = {split: pair_logprobs(model, pairs, cfg, world, f"reference log-probs ({split})")
+        ref_logps = {split: all_logprobs(model, pairs, cfg, world, f"reference log-probs ({split})")
                      for split, pairs in splits.items()}
         n, seconds = sum(map(len, splits.values())), time.time() - start
         print0(f"reference log-probs: {n} pairs in {seconds:.1f}s ({n / seconds:.1f} pairs/s)")
@@ -278,7 +292,7 @@ def train_step(model, optimizer, batch, ref_logps, cfg, world, update):
 def evaluate(model, pairs, ref_logps, cfg, world):
     """Validation loss, and sign agreement: the fraction of pairs whose chosen-minus-rejected log-ratio has the sign
     of Δr."""
-    logps = pair_logprobs(model, pairs, cfg, world, "eval")
+    logps = all_logprobs(model, pairs, cfg, world, "eval")
     logp_c, logp_r, ref_c, ref_r = (torch.tensor([v[p["index"]][k] for p in pairs], dtype=torch.float64)
                                     for v, k in ((logps, 0), (logps, 1), (ref_logps, 0), (ref_logps, 1)))
     reward_c, reward_r = (torch.tensor([p[k] for p in pairs], dtype=torch.float64)
@@ -289,8 +303,10 @@ def evaluate(model, pairs, ref_logps, cfg, world):
 
 
 def lr_at(update, num_updates, cfg):
-    """Linear warm-up over the first warmup_ratio of the updates, then cosine decay to 0. Update 0 gets lr/warmup
-    (the authors' HF scheduler gives it 0, a wasted update)."""
+    """cosine: linear warm-up over the first warmup_ratio of the updates, then cosine decay to 0; update 0 gets
+    lr/warmup (the authors' HF scheduler gives it 0, a wasted update). linear (the online runs'): lr·(1 − u/U)."""
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1 - update / num_updates)
     warmup = int(cfg.warmup_ratio * num_updates)
     if update < warmup:
         return cfg.lr * (update + 1) / warmup
@@ -298,17 +314,74 @@ def lr_at(update, num_updates, cfg):
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# ----------------------------------------------------------------------------- online REBEL: one update's pairs
+
+def rollout(policy, run, update, cfg, world):
+    """The pairs of online update `update`, made as the paper's online runs made them. Sample num_samples responses to
+    each of the update's prompts with the current policy π_t (blocks of rollout_block prompts seeded from (seed,
+    update, block): the same for any number of processes), score each decoded response, and give it the reward
+
+        r = (score·reward_scale, or missing_eos_penalty without a stop token) − kl_coef·Σₜ (log π_t − log π_0)(yₜ)
+
+    summed over the response tokens, stop token included, at the sampling temperature (0 at update 0). Per prompt the
+    highest-reward response is chosen and the lowest rejected (ties kept: the first chosen, the last rejected). The
+    regression's reference is π_t itself. Returns (pairs, {pair: (log π_t(chosen), log π_t(rejected))}, the rows of
+    rollouts.jsonl, the update's statistics)."""
+    from generate import derive_seed, hf_sample
+    start, picked = time.time(), global_batch(len(run.prompts), cfg.batch_size, update, cfg.seed)
+    blocks = [picked[s:s + cfg.rollout_block] for s in range(0, len(picked), cfg.rollout_block)]
+    mine = {}
+    with gathered(policy):  # the whole policy on every process, gathered once for the rollout, not once per token
+        for b in range(world.rank, len(blocks), world.size):
+            mine[b] = hf_sample(policy, [run.prompts[i]["ids"] for i in blocks[b]], num_samples=cfg.num_samples,
+                                temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                                stop_ids=run.stop_ids, seed=derive_seed(cfg.seed, update, b))
+    scores = run.score({i: samples for b in mine for i, samples in zip(blocks[b], mine[b])})  # this process's blocks
+    parts = [None] * world.size
+    dist.all_gather_object(parts, (mine, scores))
+    samples = {i: s for part, _ in parts for b, block in part.items() for i, s in zip(blocks[b], block)}
+    scores = {i: s for _, part in parts for i, s in part.items()}
+    k = cfg.num_samples  # log-probs of the samples two by two, grouped as the pairs the first pass trains on
+    twos = [dict(index=n * k + j, prompt_ids=run.prompts[i]["ids"], chosen_ids=samples[i][j][0],
+                 rejected_ids=samples[i][min(j + 1, k - 1)][0]) for n, i in enumerate(picked) for j in range(0, k, 2)]
+    logp_t, logp_0 = ({t["index"] + s: logps[t["index"]][s] for t in twos for s in range(min(2, k - t["index"] % k))}
+                      for logps in (all_logprobs(m, twos, cfg, world, f"log {name}")
+                                    for m, name in ((policy, "π_t"), (run.initial, "π_0"))))
+    pairs, ref_logps, rows = [], {}, []
+    for n, i in enumerate(picked):
+        kl = [logp_t[n * k + j] - logp_0[n * k + j] for j in range(k)]
+        score = [cfg.missing_eos_penalty if cut else x * cfg.reward_scale for (_, cut), x in zip(samples[i], scores[i])]
+        reward = [x - cfg.kl_coef * d for x, d in zip(score, kl)]
+        c, r = int(np.argmax(reward)), k - 1 - int(np.argmin(reward[::-1]))
+        (chosen, _), (rejected, _) = samples[i][c], samples[i][r]
+        pairs.append(dict(index=n, prompt_ids=run.prompts[i]["ids"], chosen_ids=chosen, rejected_ids=rejected,
+                          chosen_reward=reward[c], rejected_reward=reward[r]))
+        ref_logps[n] = (logp_t[n * k + c], logp_t[n * k + r])
+        rows.append(dict(update=update + 1, prompt_id=run.prompts[i]["prompt_id"], prompt_ids=run.prompts[i]["ids"],
+                         chosen_ids=chosen, rejected_ids=rejected, chosen_score=scores[i][c],
+                         rejected_score=scores[i][r], chosen_kl=kl[c], rejected_kl=kl[r], chosen_reward=reward[c],
+                         rejected_reward=reward[r]))
+    flat = [(len(ids), not cut, x, logp_t[n] - logp_0[n]) for n, ((ids, cut), x) in enumerate(
+        (s, x) for i in picked for s, x in zip(samples[i], scores[i]))]
+    length, stopped, score, kl = (float(np.mean(v)) for v in zip(*flat))
+    seconds = time.time() - start
+    stats = dict(score=score, kl=kl, stopped=stopped, response_tokens=length, rollout_s=seconds,
+                 rollout_tokens_per_s=length * len(flat) / seconds)
+    return pairs, ref_logps, rows, stats
+
+
 # ----------------------------------------------------------------------------- the model
 
-def build_model(cfg, world, dtype):
+def build_model(cfg, world, dtype, frozen=False):
     """The policy under FSDP2: fp32 master weights, `fully_shard` on every decoder layer then the root, `dtype` compute
-    (bf16 on GPU), dropout off (log-probs must be deterministic, as the paper's). Only rank 0 reads the checkpoint (one
-    fp32 copy in host memory, not one per process); the others build the model on the meta device and receive their
-    shards from it."""
+    (bf16 on GPU), dropout off (log-probs must be deterministic, as the paper's). With num_layers_unfrozen N only the
+    last N layers, the final norm and the head train. `frozen`: π_0, nothing trains. Only rank 0 reads the checkpoint
+    (one fp32 copy in host memory, not one per process); the others receive their shards from it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     from transformers import AutoModelForCausalLM
     config = load_model_config(cfg.model, attention_dropout=0.0)
+    starting_dtype = config.dtype or torch.float32  # final/ is saved in it (bf16 for Llama-3)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     loaded = on_rank0(load_pretrained, AutoModelForCausalLM, cfg.model, config=config, dtype=torch.float32,
@@ -317,20 +390,26 @@ def build_model(cfg, world, dtype):
     buffers = {n: b for n, b in loaded.named_buffers() if n not in full} if world.rank == 0 else None  # rotary's
     if world.rank == 0:
         model.generation_config = loaded.generation_config  # Llama-3's two stop tokens, saved with the final model
-    model.starting_dtype = config.dtype or torch.float32  # final/ is saved in it (bf16 for Llama-3)
-    check_architecture(cfg.model, model)
+    model.starting_dtype = starting_dtype
+    layers = decoder_layers(cfg.model, model)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.0
-    if cfg.activation_checkpointing:
+    if frozen or cfg.num_layers_unfrozen:  # the embeddings (and a head tied to them) and the bottom layers
+        trained = [] if frozen else [*layers[-cfg.num_layers_unfrozen:], model.get_decoder().norm,
+                                     model.get_output_embeddings()]
+        model.requires_grad_(False)
+        for module in trained:
+            module.requires_grad_(not model.config.tie_word_embeddings or module is not trained[-1])
+    if cfg.activation_checkpointing and not frozen:
         # transformers < 5.23 only has the older name, gradient_checkpointing_enable (same arguments)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
-    model.train()  # (activation checkpointing only acts in train mode)
+    model.train(not frozen)  # (activation checkpointing only acts in train mode)
     mixed_precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in model.get_decoder().layers:
+    for layer in layers:
         fully_shard(layer, mp_policy=mixed_precision)
     fully_shard(model, mp_policy=mixed_precision)
     model.to_empty(device=world.device)
@@ -350,32 +429,34 @@ def main(cfg):
     checkpoint, state = open_run_folder(cfg)  # a checkpoint to resume from, and what it was made with
     dtype = compute_dtype(cfg.dtype, world.device)
 
-    # data: read, validate and tokenise every pair before the model is loaded
+    # data: read, validate and tokenise every pair (online: every prompt, and the reward) before the model loads
     tokenizer = load_tokenizer(cfg.model)
-    train_pairs, eval_pairs = load_pairs(cfg, tokenizer, vocab_size(load_model_config(cfg.model)), world)
-    splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
-    mean_tokens = sum(map(pair_tokens, train_pairs)) / len(train_pairs)
-    print0(f"processes {world.size} | device {world.device.type} | compute dtype {dtype} | train pairs "
-           f"{len(train_pairs)} | eval pairs {len(eval_pairs)} | mean tokens per pair {mean_tokens:.0f}\n"
-           f"updates {num_updates} of {cfg.batch_size} pairs = {cfg.micro_batch_size} per forward × {accumulation} "
-           f"accumulation × {world.size} processes | warm-up {int(cfg.warmup_ratio * num_updates)} updates | "
-           f"epochs {num_updates * cfg.batch_size / len(train_pairs):.2f} | "
-           f"{cfg.total_episodes - num_updates * cfg.batch_size} of total_episodes left over (not a whole batch)")
+    model_config = load_model_config(cfg.model)
+    if cfg.online:
+        run, splits = load_online(cfg, tokenizer, model_config, world), {}
+        inputs = dict(data=run.fingerprint)
+    else:
+        train_pairs, eval_pairs = load_pairs(cfg, tokenizer, vocab_size(model_config), world)
+        splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
+        inputs = dict(data=data_fingerprint(splits))
+    print0(describe_run(cfg, world, dtype, splits, accumulation, num_updates))
 
     model = build_model(cfg, world, dtype)
-    inputs = dict(model_files=from_rank0(files_fingerprint(cfg.model) if world.rank == 0 else None),
-                  data=data_fingerprint(splits))
+    inputs["model_files"] = from_rank0(files_fingerprint(cfg.model) if world.rank == 0 else None)
     if check_resume(cfg, checkpoint, state, inputs, num_updates) == "finished":
         return dist.destroy_process_group()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
-    run_key = [inputs["model_files"], data_fingerprint(splits, rewards=False), cfg.temperature, str(dtype)]
-    ref_logps = reference_logprobs(model, splits, cfg, world, run_key)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if cfg.online:
+        run.initial = build_model(cfg, world, dtype, frozen=True)  # π_0, for the KL term of the reward
+    else:
+        run_key = [inputs["model_files"], data_fingerprint(splits, rewards=False), cfg.temperature, str(dtype)]
+        ref_logps = reference_logprobs(model, splits, cfg, world, run_key)
     start_update = load_checkpoint(model, optimizer, checkpoint) if checkpoint else 0
-    log, close_log = open_metrics(cfg, world, resumed_at=start_update if checkpoint else None)
+    log, close_log = open_metrics(cfg, world, num_updates, resumed_at=start_update if checkpoint else None)
 
     def log_eval(update):
-        if eval_pairs:
+        if not cfg.online and eval_pairs:
             record = dict(update=update, **evaluate(model, eval_pairs, ref_logps["eval"], cfg, world))
             print0(f"eval @ update {update}: val_loss {record['val_loss']:.4g} | sign_align {record['sign_align']:.3f}")
             log(record)
@@ -388,21 +469,23 @@ def main(cfg):
         start, lr = time.time(), lr_at(update, num_updates, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [train_pairs[i] for i in global_batch(len(train_pairs), cfg.batch_size, update, cfg.seed)]
-        step = train_step(model, optimizer, batch, ref_logps["train"], cfg, world, update)
-        seconds = time.time() - start
-        record = dict(update=update + 1, loss=step["loss"], logratio_chosen=step["logratio_chosen"],
-                      logratio_rejected=step["logratio_rejected"], lr=lr, grad_norm=step["grad_norm"],
-                      pairs_per_s=cfg.batch_size / seconds, tokens_per_s=step["tokens"] / seconds,
-                      pairs_seen=(update + 1) * cfg.batch_size)
-        log(record)
-        if world.rank == 0:
+        if cfg.online:  # fresh pairs from the current policy; their reference is the policy that sampled them
+            batch, batch_ref, rollouts, stats = rollout(model, run, update, cfg, world)
+            log(dict(update=update + 1, **stats), rollouts)
+        else:
+            batch = [train_pairs[i] for i in global_batch(len(train_pairs), cfg.batch_size, update, cfg.seed)]
+            batch_ref = ref_logps["train"]
+        for epoch in range(cfg.epochs_per_batch):  # one optimizer step per pass over the batch
+            step = train_step(model, optimizer, batch, batch_ref, cfg, world, update)
+            seconds = time.time() - start
+            record = dict(update=update + 1, **({"pass": epoch + 1} if cfg.epochs_per_batch > 1 else {}),
+                          loss=step["loss"], logratio_chosen=step["logratio_chosen"],
+                          logratio_rejected=step["logratio_rejected"], lr=lr, grad_norm=step["grad_norm"],
+                          pairs_per_s=cfg.batch_size * (epoch + 1) / seconds, tokens_per_s=step["tokens"] / seconds,
+                          pairs_seen=(update + 1) * cfg.batch_size)
+            log(record)
             bar.set_postfix(loss=f"{record['loss']:.3g}", pairs_s=f"{record['pairs_per_s']:.1f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
-            tqdm.write(f"update {update + 1}/{num_updates} | loss {record['loss']:.4g} | logratio chosen "
-                       f"{record['logratio_chosen']:+.4f} rejected {record['logratio_rejected']:+.4f} | lr {lr:.3g} | "
-                       f"grad norm {record['grad_norm']:.3g} | {record['pairs_per_s']:.2f} pairs/s | "
-                       f"{record['tokens_per_s']:.0f} tokens/s")
         if (cfg.eval_every and (update + 1) % cfg.eval_every == 0) or update + 1 == num_updates:
             log_eval(update + 1)
         stop = update + 1 - start_update == cfg.stop_after
@@ -683,6 +766,113 @@ def end_of_turn(tokenizer):
     return ids[0] if ids and ids[0] in special else None
 
 
+# ----------------------------------------------------------------------------- online: prompts, reward, sampling
+
+@dataclass
+class OnlineRun:
+    """What online REBEL samples from and scores with: the prompts ({index, prompt_id, prompt, ids}), the stop tokens,
+    score({row: [(ids, truncated), ...]}) -> {row: [score, ...]}, the inputs' fingerprint, and π_0 once built."""
+    prompts: list
+    stop_ids: list
+    score: typing.Callable
+    fingerprint: str
+    initial: typing.Any = None
+
+
+def load_online(cfg, tokenizer, model_config, world):
+    """The prompts (templated, too long or malformed ones dropped and counted), the stop tokens and the reward
+    (generate.py's and score.py's), each checked in one line before the policy loads."""
+    from generate import fingerprint, sample_record, stop_token_ids
+    if bool(cfg.reward_model) == bool(cfg.reward_fn):
+        fail("--online: give one of --reward_model and --reward_fn")
+    rows = require_split(cfg.dataset, "train" if os.path.isfile(cfg.dataset) else cfg.train_split)
+    if {"chosen", "rejected"} <= set(rows.column_names) and cfg.prompt_column not in rows.column_names:
+        fail(f"--online: {cfg.dataset} is a file of pairs (chosen, rejected); online REBEL samples its own: give "
+             "prompts, or train offline")
+    if cfg.prompt_column not in rows.column_names:
+        fail(f"{cfg.dataset}: missing column {cfg.prompt_column!r} (columns: {', '.join(rows.column_names)})")
+    check_prompt_column(rows, cfg.prompt_column, cfg.dataset)
+    texts = list(rows[cfg.prompt_column])
+    ids = list(rows["prompt_id"]) if "prompt_id" in rows.column_names else list(range(len(texts)))
+    tokens, _ = template_prompts(texts, tokenizer, cfg.max_prompt_len, cfg.dataset, world)
+    if not tokens:
+        fail(f"{cfg.dataset}: no prompt to sample from")
+    prompts = [dict(index=i, prompt_id=ids[i], prompt=texts[i], ids=tokens[i]) for i in sorted(tokens)]
+    reward = load_reward(cfg, world)
+
+    def score(samples):
+        rows = {i: dict(prompt=prompts[i]["prompt"], responses=[sample_record(tokenizer, ids, cut)[0]
+                                                                for ids, cut in s]) for i, s in samples.items()}
+        return reward(rows)
+    return OnlineRun(prompts, stop_token_ids(tokenizer, cfg.model, model_config), score,
+                     fingerprint([[p["prompt_id"], p["ids"]] for p in prompts] + [reward.fingerprint]))
+
+
+def load_reward(cfg, world):
+    """reward({row: {prompt, responses}}) -> {row: [score, ...]}, with score.py's reward function or reward model
+    (loaded here, on every process); a response it cannot score stops the run in one line naming the row."""
+    import score as scoring
+    if cfg.reward_fn:
+        fn = scoring.load_reward_fn(cfg.reward_fn)
+
+        def reward(rows):
+            return {r["index"]: r["rewards"] for r in scoring.function_rewards(fn, cfg.reward_fn, rows, list(rows))}
+        reward.fingerprint = sha256(open(cfg.reward_fn.rpartition(":")[0], "rb").read())
+        return reward
+    settings = scoring.Config(reward_model=cfg.reward_model, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+    tokenizer = load_tokenizer(cfg.reward_model)
+    model = scoring.load_reward_model(settings, compute_dtype(cfg.dtype, world.device), tokenizer)
+    model = model.to(world.device).eval()
+
+    def reward(rows):
+        out = scoring.model_rewards(model, tokenizer, rows, list(rows), settings, world.device)[0]
+        for r in out:
+            if r["rewards"] is None:
+                fail(f"{cfg.dataset} row {r['index']}: the reward model cannot score its responses ({r['dropped']})")
+        return {r["index"]: r["rewards"] for r in out}
+    reward.fingerprint = files_fingerprint(cfg.reward_model)
+    return reward
+
+
+def template_prompts(prompts, tokenizer, max_prompt_len, where, world, date=None):
+    """({row: token ids of the templated prompt}, [(row, why dropped)]): prompts the chat template refuses, or longer
+    than max_prompt_len tokens, are dropped and counted with their reason."""
+    tokens, dropped = {}, []
+    for i, prompt in enumerate(tqdm(prompts, desc="template prompts", unit="prompt",
+                                    disable=world.rank != 0 or len(prompts) < 1000)):
+        try:
+            tokens[i] = prompt_tokens(tokenizer, prompt, date)[1]
+            if len(tokens[i]) > max_prompt_len:
+                raise BadRow(f"longer than --max_prompt_len {max_prompt_len} tokens")
+        except BadRow as e:
+            tokens.pop(i, None)
+            dropped.append((i, str(e)))
+    report_dropped(dropped, len(prompts), where)
+    return tokens, dropped
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """The FSDP2 policy's full weights on every process while inside, gathered once (not once per decoding step as
+    its hooks would), in eval mode; resharded and back in train mode after, its generation config as it was. No
+    collective runs inside, so processes whose generations stop at different steps never wait on each other."""
+    from torch.distributed.fsdp import FSDPModule
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    generation_config, training = model.generation_config, model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # fully_shard's defaults: layers, the root
+        model.generation_config = generation_config
+        model.train(training)
+
+
 # ----------------------------------------------------------------------------- the run's state
 
 def derived_sizes(cfg, world):
@@ -701,7 +891,9 @@ def derived_sizes(cfg, world):
 # (not the --dataset path: the pairs themselves are compared, so a resume may name the same file by another path)
 FIXED_ON_RESUME = ("train_split", "eval_split", "eval_size", "seed", "eta", "lr", "beta1", "beta2", "adam_eps",
                    "weight_decay", "warmup_ratio", "temperature", "total_episodes", "batch_size", "max_prompt_len",
-                   "max_response_len", "max_grad_norm", "dtype")
+                   "max_response_len", "max_grad_norm", "dtype", "epochs_per_batch", "lr_schedule",
+                   "num_layers_unfrozen", "online", "prompt_column", "num_samples", "max_new_tokens", "rollout_block",
+                   "reward_scale", "missing_eos_penalty", "kl_coef")
 
 
 def open_run_folder(cfg):
@@ -900,24 +1092,56 @@ def save_final(model, cfg, world):
     return final
 
 
-def open_metrics(cfg, world, resumed_at=None):
-    """log(record) and close(): rank 0 appends each record to output_dir/metrics.jsonl and sends it to --report_to's
-    tracker. A resume first keeps the records up to its checkpoint only, so that none is there twice."""
-    path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if world.rank == 0:
+def open_metrics(cfg, world, num_updates, resumed_at=None):
+    """log(record, rollouts=None) and close(): rank 0 prints a line per record, appends it to output_dir/metrics.jsonl
+    (and the rollout rows to rollouts.jsonl) and sends it to --report_to's tracker. A resume first keeps the lines up
+    to its checkpoint's update only, so that none is there twice and none is lost."""
+    paths = [os.path.join(cfg.output_dir, name) for name in ("metrics.jsonl", "rollouts.jsonl")]
+    for path in paths if world.rank == 0 else []:
         old, unreadable = read_jsonl(path) if os.path.exists(path) else ([], 0)
         if unreadable:
             print(f"note: {unreadable} unreadable line(s) of {path} dropped (cut by a crash or a full disk)")
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in old
-                                   if resumed_at is not None and r.get("update", 1e9) <= resumed_at))
+        if old or path == paths[0]:
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in old
+                                       if resumed_at is not None and r.get("update", 1e9) <= resumed_at))
     track, close = open_tracker(cfg.report_to, cfg.output_dir, os.path.basename(os.path.abspath(cfg.output_dir)),
                                 dataclasses.asdict(cfg), resumed_at=resumed_at)
 
-    def log(record):
-        if world.rank == 0:
-            append_jsonl(path, record)
-            track(record, record["update"])
+    def log(record, rollouts=None):
+        if world.rank != 0:
+            return
+        if "loss" in record:
+            tqdm.write(f"update {record['update']}/{num_updates}" + (f" pass {record['pass']}" if "pass" in record
+                                                                        else "")
+                       + f" | loss {record['loss']:.4g} | logratio chosen {record['logratio_chosen']:+.4f} rejected "
+                       f"{record['logratio_rejected']:+.4f} | lr {record['lr']:.3g} | grad norm "
+                       f"{record['grad_norm']:.3g} | {record['pairs_per_s']:.2f} pairs/s | "
+                       f"{record['tokens_per_s']:.0f} tokens/s")
+        elif "score" in record:
+            tqdm.write(f"rollout {record['update']}/{num_updates} | score {record['score']:.4g} | kl "
+                       f"{record['kl']:+.4f} | with a stop token {record['stopped']:.2f} | response "
+                       f"{record['response_tokens']:.0f} tokens | {record['rollout_s']:.1f}s, "
+                       f"{record['rollout_tokens_per_s']:.0f} tokens/s")
+        append_jsonl(paths[0], record)
+        for row in rollouts or []:
+            append_jsonl(paths[1], row)
+        track(record, record["update"])
     return log, close
+
+
+def describe_run(cfg, world, dtype, splits, accumulation, num_updates):
+    """The derived sizes of the run, in two lines."""
+    train = splits.get("train", [])
+    data = (f"online: {cfg.batch_size} prompts × {cfg.num_samples} samples per update" if cfg.online else
+            f"train pairs {len(train)} | eval pairs {len(splits.get('eval', []))} | mean tokens per pair "
+            f"{sum(map(pair_tokens, train)) / len(train):.0f}")
+    epochs = f"epochs {num_updates * cfg.batch_size / len(train):.2f} | " if train else ""
+    return (f"processes {world.size} | device {world.device.type} | compute dtype {dtype} | {data}\n"
+            f"updates {num_updates} of {cfg.batch_size} pairs = {cfg.micro_batch_size} per forward × {accumulation} "
+            f"accumulation × {world.size} processes" + (f" × {cfg.epochs_per_batch} passes" if cfg.epochs_per_batch > 1
+                                                     else "") + " | warm-up "
+            f"{int(cfg.warmup_ratio * num_updates) if cfg.lr_schedule == 'cosine' else 0} updates | {epochs}"
+            f"{cfg.total_episodes - num_updates * cfg.batch_size} of total_episodes left over (not a whole batch)")
 
 
 HELD_LOCKS = {}  # lock file -> its open handle, held until this process ends
@@ -980,6 +1204,15 @@ def vocab_size(config):
     return getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
 
 
+def decoder_layers(name, model):
+    """The decoder's layers, each its own FSDP unit; a one-line error for a model that keeps them elsewhere."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        fail(f"{name}: {type(model).__name__}'s decoder has no .layers (a GPT-2-style model?); rebel.py shards and "
+             "checks the decoder layers found there")
+    return layers
+
+
 def check_architecture(name, model):
     """Fail in one line on a policy whose log-probs response_logprobs would not compute as its own forward does."""
     head = model.get_output_embeddings()
@@ -1019,6 +1252,10 @@ def parse_config(cls, argv=None):
         parser.set_defaults(**read_settings(path, cls))
     cfg, *_, unknown = parser.parse_args_into_dataclasses(argv, look_for_args_file=False,
                                                           return_remaining_strings=True)
+    if getattr(cfg, "online", False):  # the online runs' defaults, for the settings neither flags nor the file give
+        given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")} | set(
+            read_settings(path, cls) if path else {})
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in ONLINE_DEFAULTS.items() if k not in given})
     if unknown:
         files = [a for a in unknown if a.endswith((".yaml", ".yml", ".json"))]
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)"
@@ -1356,4 +1593,5 @@ def log_summary(report_to, output, config, prefix, summary):
 
 
 if __name__ == "__main__":
+    sys.modules["rebel"] = sys.modules["__main__"]  # generate.py and score.py import this copy, not a second one
     run_script(main, Config, "continue with the same command and --resume")

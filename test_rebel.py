@@ -2278,8 +2278,8 @@ def time_training(ctx, model, optimizer, pairs, micro_batch_size, cfg):
 
 def time_reference(ctx, model, pairs, cfg):
     """Seconds of rebel.py's reference pass over the pairs (all_logprobs: no grad, eval_micro_batch_size per forward)."""
-    rebel.pair_logprobs(model, pairs[:ctx.sizes["update_pairs"]], cfg, gpu_run(ctx.device), "warm-up")
-    return measure(ctx.device, lambda: rebel.pair_logprobs(model, pairs, cfg, gpu_run(ctx.device), "reference pass"))[0]
+    rebel.all_logprobs(model, pairs[:ctx.sizes["update_pairs"]], cfg, gpu_run(ctx.device), "warm-up")
+    return measure(ctx.device, lambda: rebel.all_logprobs(model, pairs, cfg, gpu_run(ctx.device), "reference pass"))[0]
 
 
 def working_memory(ctx, model, group, cfg):
@@ -2402,7 +2402,7 @@ def gpu_llama_1b(ctx):
     del plain
     gc.collect()  # (the method attached above makes a reference cycle): its memory must not count in the peaks below
     model, optimizer = build(cfg, device)
-    bf16 = rebel.pair_logprobs(model, pairs, cfg, gpu_run(device), "bf16 log-probs")
+    bf16 = rebel.all_logprobs(model, pairs, cfg, gpu_run(device), "bf16 log-probs")
     diff = torch.tensor([abs(bf16[p["index"]][k] - fp32[p["index"]][k]) for p in pairs for k in (0, 1)], dtype=torch.float64)
     per_token = diff / torch.tensor([len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")], dtype=torch.float64)
     levels = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)
