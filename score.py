@@ -348,7 +348,8 @@ def head_tensors(name, is_head):
     from transformers.utils import cached_file
     for single in ("model.safetensors", "pytorch_model.bin"):  # a .bin only where there are no safetensors
         index = cached_file(name, single + ".index.json", _raise_exceptions_for_missing_entries=False)
-        files = sorted({f for k, f in json.load(open(index))["weight_map"].items() if is_head(k)}) if index else [single]
+        weight_map = json.load(open(index))["weight_map"] if index else {}
+        files = sorted({f for k, f in weight_map.items() if is_head(k)}) if index else [single]
         paths = [cached_file(name, f, _raise_exceptions_for_missing_entries=False) for f in files]
         if index or all(paths):
             return {k: v for p in paths if p for k, v in read_tensors(p, is_head).items()}

@@ -28,8 +28,8 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% else %}{% set content = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
-FAMILIES.setdefault("llama2", dict(template=LLAMA2_CHAT_TEMPLATE, special=["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>",
-                                   ends=["</s>"]))
+FAMILIES.setdefault("llama2", dict(template=LLAMA2_CHAT_TEMPLATE, special=["<unk>", "<s>", "</s>"], bos="<s>",
+                                   eos="</s>", ends=["</s>"]))
 
 # openbmb/Eurus-RM-7b's remote code (modeling_eurus_rm.py), retyped: its class, attribute names and forward. The
 # import appends to $EURUS_MARKER, so that a test sees whether this file ran.
@@ -57,7 +57,8 @@ class EurusRewardModel(PreTrainedModel):
         self.post_init()  # transformers 5 wants it; the original predates that
 
     def forward(self, input_ids: torch.LongTensor = None, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.LongTensor] = None, past_key_values: Optional[List[torch.FloatTensor]] = None,
+                position_ids: Optional[torch.LongTensor] = None,
+                past_key_values: Optional[List[torch.FloatTensor]] = None,
                 inputs_embeds: Optional[torch.FloatTensor] = None, labels: Optional[torch.LongTensor] = None,
                 use_cache: Optional[bool] = None, output_attentions: Optional[bool] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None):
@@ -91,8 +92,8 @@ class GPTRewardModel(torch.nn.Module):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None):
         bs = input_ids.shape[0]
-        transformer_outputs = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                                               position_ids=position_ids)
+        transformer_outputs = self.transformer(input_ids, past_key_values=past_key_values,
+                                               attention_mask=attention_mask, position_ids=position_ids)
         hidden_states = transformer_outputs[0]
         scores = []
         rewards = self.v_head(hidden_states).squeeze(-1)
@@ -110,9 +111,10 @@ def make_llama2_base(path):
     tokenizer = make_tokenizer(path, family="llama2")
     tokenizer.unk_token = "<unk>"
     tokenizer.save_pretrained(path)
-    LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"]).save_pretrained(path)
+    LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                architectures=["LlamaForCausalLM"]).save_pretrained(path)
     return path
 
 
@@ -144,7 +146,8 @@ def make_eurus(path, drop=(), head_rows=1):
     config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           architectures=["EurusRewardModel"], auto_map={"AutoModel": "modeling_eurus_rm.EurusRewardModel"})
+                           architectures=["EurusRewardModel"],
+                           auto_map={"AutoModel": "modeling_eurus_rm.EurusRewardModel"})
     config.save_pretrained(path)
     torch.manual_seed(4)
     weights = {f"model.{k}": v for k, v in MistralModel(config).state_dict().items()}
@@ -198,23 +201,25 @@ def starling_by_the_authors(rm_path, base, rows, max_length):
 
 
 def eurus_by_its_remote_code(path, sequences):
-    """EurusRewardModel (EURUS_REMOTE_CODE, run) on each token list alone, and on all of them right-padded in one batch."""
+    """EurusRewardModel (EURUS_REMOTE_CODE, run) on each token list alone, and on all of them right-padded, batched."""
     from transformers import AutoModel
     model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
     width = max(map(len, sequences))
     ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
     with torch.no_grad():
-        alone = [float(model(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long))) for s in sequences]
+        alone = [float(model(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long)))
+                 for s in sequences]
         batched = model(input_ids=ids, attention_mask=mask)[:, 0].tolist()
     return alone, batched
 
 
 def reward_inputs(path, rows):
     tokenizer = rebel.load_tokenizer(path)
-    return [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": r}],
-                                                    tokenize=False), add_special_tokens=False)["input_ids"]
-            for row in rows for r in row["responses"]]
+    chats = [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": r}]
+             for row in rows for r in row["responses"]]
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
 def max_difference(a, b):
@@ -230,8 +235,8 @@ def test_starling_is_scored_as_the_authors_computed_it(llama2_base, tmp_path, la
     for n, row in enumerate(rows):  # some responses hit the token limit: the authors wrote no " </s>" after those
         row["truncated"] = [(n + j) % 4 == 0 for j in range(3)]
     data = write_jsonl(tmp_path / "gen.jsonl", rows)
-    out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=rm, reward_base=llama2_base, dtype="float32",
-                               max_length=40, drop_truncated=False))
+    out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=rm, reward_base=llama2_base,
+                               dtype="float32", max_length=40, drop_truncated=False))
     printed = capsys.readouterr().out
     assert "dropped 0 of 7 prompts" in printed and "reward-model inputs were cut to max_length=40 tokens" in printed
     got = [r for row in out for r in row["rewards"]]
@@ -280,7 +285,7 @@ def test_starling_hub_id_resolves_its_files_through_cached_file(llama2_base, tmp
 def test_eurus_is_scored_natively_as_its_remote_code(eurus_model, tmp_path, remote_modules, capsys):
     rows = generations(7, seed=8)
     data = write_jsonl(tmp_path / "gen.jsonl", rows)
-    out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=eurus_model, dtype="float32"))  # batches of 4
+    out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=eurus_model, dtype="float32"))  # 4 a batch
     assert "dropped 0 of 7 prompts" in capsys.readouterr().out
     assert not remote_modules.exists()  # modeling_eurus_rm.py never ran
     got = [r for row in out for r in row["rewards"]]
@@ -296,11 +301,12 @@ def test_eurus_is_scored_natively_as_its_remote_code(eurus_model, tmp_path, remo
 
 
 def test_eurus_runs_no_remote_code_unless_asked(eurus_model, remote_modules):
-    model = score.load_reward_model(score.Config(reward_model=eurus_model), torch.float32, rebel.load_tokenizer(eurus_model))
+    tokenizer = rebel.load_tokenizer(eurus_model)
+    model = score.load_reward_model(score.Config(reward_model=eurus_model), torch.float32, tokenizer)
     assert type(model) is score.EurusRM and type(model.model).__mro__[1].__name__ == "MistralModel"
     assert not remote_modules.exists()
     model = score.load_reward_model(score.Config(reward_model=eurus_model, trust_remote_code=True), torch.float32,
-                                    rebel.load_tokenizer(eurus_model))
+                                    tokenizer)
     assert type(model).__name__ == "EurusRewardModel" and remote_modules.exists()
 
 
@@ -308,7 +314,8 @@ def test_eurus_runs_no_remote_code_unless_asked(eurus_model, remote_modules):
     (dict(architectures=["EurusRewardModel"]), True),
     (dict(auto_map={"AutoModel": "modeling_eurus_rm.EurusRewardModel"}), True),
     (dict(architectures=["MistralForSequenceClassification"]), False),
-    (dict(architectures=["LlamaForRewardModelWithGating"], auto_map={"AutoModel": "x.LlamaForRewardModelWithGating"}), False),
+    (dict(architectures=["LlamaForRewardModelWithGating"],
+          auto_map={"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"}), False),
 ], ids=["architectures", "auto_map", "mistral_classifier", "armo"])
 def test_eurus_is_recognised_by_its_config(config, expected):
     from transformers import MistralConfig
@@ -319,12 +326,13 @@ def test_eurus_is_recognised_by_its_config(config, expected):
 
 def test_a_reward_model_folder_without_tokenizer_files_says_so_in_one_line(eurus_model, tmp_path):
     folder = str(tmp_path / "no_tokenizer")
-    shutil.copytree(eurus_model, folder, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json", "chat_template*"))
+    shutil.copytree(eurus_model, folder, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*", "chat_*"))
     data = write_jsonl(tmp_path / "gen.jsonl", generations(2))
     with pytest.raises(SystemExit) as failed:
         run_score(data, tmp_path / "pairs.jsonl", reward_model=folder)
-    assert str(failed.value) == (f"error: reward model {folder}: no tokenizer files (tokenizer.json / tokenizer.model / "
-                                 f"tokenizer_config.json) in the folder; copy them there from the model it was trained from")
+    assert str(failed.value) == (f"error: reward model {folder}: no tokenizer files (tokenizer.json / "
+                                 f"tokenizer.model / tokenizer_config.json) in the folder; copy them there from the "
+                                 f"model it was trained from")
 
 
 def code_pickle(path, marker):
@@ -335,41 +343,58 @@ def code_pickle(path, marker):
     torch.save({"v_head.weight": Payload()}, path)
 
 
-BAD_INPUTS = {
-    "starling_base_missing": (lambda t, base: dict(reward_base="/nonexistent/Llama-2-7b-chat-hf"),
-                              r"^error: reward model .*starling: no tokenizer files \(tokenizer\.json / tokenizer\.model / "
-                              r"tokenizer_config\.json\) in the folder; a Starling-RM state dict \(no config\.json\) takes its "
-                              r"config and tokenizer from --reward_base, and '/nonexistent/Llama-2-7b-chat-hf' could not be read: "),
-    "starling_base_offline": (lambda t, base: dict(reward_base="meta-llama/Llama-2-7b-chat-hf"),
-                              r"^error: reward model .*starling: no tokenizer files .* from --reward_base, and "
-                              r"'meta-llama/Llama-2-7b-chat-hf' could not be read: OSError: "),
-    "starling_base_without_tokenizer": (
-        lambda t, base: dict(reward_base=shutil.copytree(base, str(t / "config_only"), ignore=shutil.ignore_patterns("tok*", "spec*", "chat*"))),
-        r"^error: reward model .*starling: no tokenizer files .* from --reward_base, and the folder .*config_only has none either$"),
-    "starling_no_v_head": (lambda t, base: dict(reward_model=make_starling(str(t / "no_v_head"), base, drop=("v_head.weight",))),
-                           r"^error: reward model .*no_v_head: v_head\.weight not in its checkpoint, where StarlingRM expects "
-                           r"them; refusing to score with random values in their place$"),
-    "starling_no_backbone": (lambda t, base: dict(reward_model=make_starling(str(t / "no_backbone"), base, layout="model",
-                                                                             drop=("model.model.norm.weight",))),
-                             r"^error: reward model .*no_backbone: norm\.weight not in its checkpoint, where StarlingRM"),
-    "starling_pickle_with_code": (lambda t, base: code_pickle(str(t / "starling" / "pytorch_model.bin"), str(t / "pwned")) or {},
-                                  r"^error: could not load the reward model .*starling.*: UnpicklingError: "),
-    "eurus_no_head": (lambda t, base: dict(reward_model=make_eurus(str(t / "eurus_no_head"), drop=("regression_head.weight",))),
-                      r"^error: reward model .*eurus_no_head: regression_head\.weight not in its checkpoint, where EurusRM "
-                      r"expects them; refusing to score with random values in their place$"),
-    "eurus_head_resized": (lambda t, base: dict(reward_model=make_eurus(str(t / "eurus_wide"), head_rows=2)),
-                           r"^error: reward model .*eurus_wide: regression_head\.weight \(checkpoint \[2, 64\], model \[1, 64\]\) "
-                           r"not in its checkpoint, where EurusRM expects them"),
-}
+NO_TOKENIZER = r"no tokenizer files \(tokenizer\.json / tokenizer\.model / tokenizer_config\.json\) in the folder; "
+REFUSED = r"not in its checkpoint, where {} expects them; refusing to score with random values in their place$"
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
-def test_bad_reward_models_fail_in_one_line_before_scoring(case, llama2_base, tmp_path, monkeypatch):
+def base_without_tokenizer(t, base):
+    folder = shutil.copytree(base, str(t / "config_only"), ignore=shutil.ignore_patterns("tok*", "spec*", "chat*"))
+    return dict(reward_base=folder)
+
+
+def starling_without(t, base, name, layout="both"):
+    return dict(reward_model=make_starling(str(t / "starling_part"), base, layout=layout, drop=(name,)))
+
+
+def starling_pickle_with_code(t, base):
+    code_pickle(str(t / "starling" / "pytorch_model.bin"), str(t / "pwned"))
+    return {}
+
+
+# (settings over a good Starling-RM folder `starling` and its --reward_base, the one-line error expected)
+BAD_INPUTS = [
+    pytest.param(lambda t, base: dict(reward_base="/nonexistent/Llama-2-7b-chat-hf"),
+                 r"^error: reward model .*starling: " + NO_TOKENIZER + r"a Starling-RM state dict \(no config\.json\) "
+                 r"takes its config and tokenizer from --reward_base, and '/nonexistent/Llama-2-7b-chat-hf' could not "
+                 r"be read: ", id="starling_base_missing"),
+    pytest.param(lambda t, base: dict(reward_base="meta-llama/Llama-2-7b-chat-hf"),
+                 r"^error: reward model .*starling: " + NO_TOKENIZER + r".* from --reward_base, and "
+                 r"'meta-llama/Llama-2-7b-chat-hf' could not be read: OSError: ", id="starling_base_offline"),
+    pytest.param(base_without_tokenizer, r"^error: reward model .*starling: " + NO_TOKENIZER + r".* from "
+                 r"--reward_base, and the folder .*config_only has none either$", id="starling_base_without_tokenizer"),
+    pytest.param(lambda t, base: starling_without(t, base, "v_head.weight"),
+                 r"^error: reward model .*starling_part: v_head\.weight " + REFUSED.format("StarlingRM"),
+                 id="starling_no_v_head"),
+    pytest.param(lambda t, base: starling_without(t, base, "model.model.norm.weight", layout="model"),
+                 r"^error: reward model .*starling_part: norm\.weight " + REFUSED.format("StarlingRM"),
+                 id="starling_backbone_incomplete"),
+    pytest.param(starling_pickle_with_code, r"^error: could not load the reward model .*starling.*: UnpicklingError: ",
+                 id="starling_pickle_with_code"),
+    pytest.param(lambda t, base: dict(reward_model=make_eurus(str(t / "eurus"), drop=("regression_head.weight",))),
+                 r"^error: reward model .*eurus: regression_head\.weight " + REFUSED.format("EurusRM"),
+                 id="eurus_no_head"),
+    pytest.param(lambda t, base: dict(reward_model=make_eurus(str(t / "eurus"), head_rows=2)),
+                 r"^error: reward model .*eurus: regression_head\.weight \(checkpoint \[2, 64\], model \[1, 64\]\) "
+                 + REFUSED.format("EurusRM"), id="eurus_head_resized"),
+]
+
+
+@pytest.mark.parametrize("settings, message", BAD_INPUTS)
+def test_bad_reward_models_fail_in_one_line_before_scoring(settings, message, llama2_base, tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the Hub unreachable, at once
-    make_starling(str(tmp_path / "starling"), llama2_base)
-    settings, message = BAD_INPUTS[case]
-    settings = {"reward_model": str(tmp_path / "starling"), "reward_base": llama2_base, **settings(tmp_path, llama2_base)}
+    starling = make_starling(str(tmp_path / "starling"), llama2_base)
+    settings = {"reward_model": starling, "reward_base": llama2_base, **settings(tmp_path, llama2_base)}
     data = write_jsonl(tmp_path / "gen.jsonl", generations(3))
     with pytest.raises(SystemExit, match=message) as failed:
         run_score(data, tmp_path / "pairs.jsonl", **settings)
