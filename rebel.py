@@ -819,8 +819,9 @@ def load_reward(cfg, world):
             return {r["index"]: r["rewards"] for r in scoring.function_rewards(fn, cfg.reward_fn, rows, list(rows))}
         reward.fingerprint = sha256(open(cfg.reward_fn.rpartition(":")[0], "rb").read())
         return reward
-    settings = scoring.Config(reward_model=cfg.reward_model, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
-    tokenizer = load_tokenizer(cfg.reward_model)
+    settings = scoring.Config(reward_model=cfg.reward_model, reward_base=cfg.reward_base, dtype=cfg.dtype,
+                              trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(scoring.reward_tokenizer_source(settings))
     model = scoring.load_reward_model(settings, compute_dtype(cfg.dtype, world.device), tokenizer)
     model = model.to(world.device).eval()
 
