@@ -66,7 +66,8 @@ SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
 
 LLAMA3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' %}"
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
@@ -74,10 +75,13 @@ LLAMA3_CHAT_TEMPLATE = (
 # Llama-3.2's: a system header with today's date (strftime_now), like Mistral Small's, Granite's and SmolLM3's templates
 LLAMA32_TEMPLATE = (
     "{{ bos_token }}{% if not date_string is defined %}{% if strftime_now is defined %}"
-    "{% set date_string = strftime_now('%d %b %Y') %}{% else %}{% set date_string = '26 Jul 2024' %}{% endif %}{% endif %}"
-    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: ' + date_string + '<|eot_id|>' }}"
+    "{% set date_string = strftime_now('%d %b %Y') %}{% else %}{% set date_string = '26 Jul 2024' %}{% endif %}"
+    "{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: '"
+    " + date_string + '<|eot_id|>' }}"
     "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
@@ -93,17 +97,21 @@ CORPUS = ["The quick brown fox jumps over the lazy dog. Answer the question with
 
 CHATML_TEMPLATE = (  # Qwen2.5-Instruct's: a default system prompt, and "\n" after every <|im_end|>
     "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
-    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
     "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 
 
 GEMMA_TEMPLATE = (  # Gemma-2-it's: no system turn, "model" role, "\n" after every <end_of_turn>
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}"
     "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}"
     "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 
@@ -116,7 +124,8 @@ MISTRAL_TEMPLATE = (  # Mistral-7B-Instruct's: [INST] ... [/INST], the response 
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
 
 
-THINKING_TEMPLATE = (  # DeepSeek-R1 style on ChatML: the generation prompt opens <think>, assistant turns lose their reasoning
+# DeepSeek-R1 style on ChatML: the generation prompt opens <think>, assistant turns lose their reasoning
+THINKING_TEMPLATE = (
     "{%- for message in messages %}{%- if message.role == 'assistant' %}"
     "{%- set content = message.content.split('</think>')[-1].lstrip('\n') %}"
     "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}"
@@ -134,26 +143,80 @@ CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # tokens, GPT-2's byte-level pre-tokenizer instead of Llama-3's split pattern (with "\n\n" learnt as one token, as
 # real vocabularies have it), the checkpoint's sampling defaults
 FAMILIES = {
-    "llama3": dict(template=LLAMA3_CHAT_TEMPLATE, special=SPECIAL_TOKENS, bos="<|begin_of_text|>", eos="<|eot_id|>",
-                   ends=["<|end_of_text|>", "<|eot_id|>"]),
-    "chatml": dict(template=CHATML_TEMPLATE, special=CHATML_TOKENS, bos=None, eos="<|im_end|>", ends=["<|im_end|>", "<|endoftext|>"],
-                   sampling=dict(repetition_penalty=1.05, top_k=20, top_p=0.8, temperature=0.7, do_sample=True)),
-    "gemma": dict(template=GEMMA_TEMPLATE, special=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>",
-                  eos="<eos>", ends=["<eos>", "<end_of_turn>"]),
-    "mistral": dict(template=MISTRAL_TEMPLATE, special=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], bos="<s>", eos="</s>", ends=["</s>"]),
-    "thinking": dict(template=THINKING_TEMPLATE, special=CHATML_TOKENS, added=["<think>", "</think>"], bos=None, eos="<|im_end|>",
-                     ends=["<|im_end|>", "<|endoftext|>"]),
-    "no_end_token": dict(template=PLAIN_TEMPLATE, special=["<|endoftext|>"], bos=None, eos="<|endoftext|>", ends=["<|endoftext|>"]),
-    "llama3_dated": dict(template=LLAMA32_TEMPLATE, special=SPECIAL_TOKENS, bos="<|begin_of_text|>", eos="<|eot_id|>",
-                         ends=["<|end_of_text|>", "<|eot_id|>"]),
-    "gpt2_bytes": dict(template=LLAMA3_CHAT_TEMPLATE, special=SPECIAL_TOKENS, bos="<|begin_of_text|>", eos="<|eot_id|>",
-                       ends=["<|end_of_text|>", "<|eot_id|>"], gpt2_bytes=True, corpus=["Paragraphs\n\nand paragraphs\n\n"] * 20),
+    "llama3": dict(
+        template=LLAMA3_CHAT_TEMPLATE,
+        special=SPECIAL_TOKENS,
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        ends=["<|end_of_text|>", "<|eot_id|>"],
+    ),
+    "chatml": dict(
+        template=CHATML_TEMPLATE,
+        special=CHATML_TOKENS,
+        bos=None,
+        eos="<|im_end|>",
+        ends=["<|im_end|>", "<|endoftext|>"],
+        sampling=dict(repetition_penalty=1.05, top_k=20, top_p=0.8, temperature=0.7, do_sample=True),
+    ),
+    "gemma": dict(
+        template=GEMMA_TEMPLATE,
+        special=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>",
+        eos="<eos>",
+        ends=["<eos>", "<end_of_turn>"],
+    ),
+    "mistral": dict(
+        template=MISTRAL_TEMPLATE,
+        special=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+        bos="<s>",
+        eos="</s>",
+        ends=["</s>"],
+    ),
+    "thinking": dict(
+        template=THINKING_TEMPLATE,
+        special=CHATML_TOKENS,
+        added=["<think>", "</think>"],
+        bos=None,
+        eos="<|im_end|>",
+        ends=["<|im_end|>", "<|endoftext|>"],
+    ),
+    "no_end_token": dict(
+        template=PLAIN_TEMPLATE, special=["<|endoftext|>"], bos=None, eos="<|endoftext|>", ends=["<|endoftext|>"]
+    ),
+    "llama3_dated": dict(
+        template=LLAMA32_TEMPLATE,
+        special=SPECIAL_TOKENS,
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        ends=["<|end_of_text|>", "<|eot_id|>"],
+    ),
+    "gpt2_bytes": dict(
+        template=LLAMA3_CHAT_TEMPLATE,
+        special=SPECIAL_TOKENS,
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        ends=["<|end_of_text|>", "<|eot_id|>"],
+        gpt2_bytes=True,
+        corpus=["Paragraphs\n\nand paragraphs\n\n"] * 20,
+    ),
 }
 
 
 WORDS = "the quick brown fox jumps over a lazy dog while sea and sky and wind are blue answer question".split()
-TRAIN_SETTINGS = dict(total_episodes=32, batch_size=8, micro_batch_size=2, eval_micro_batch_size=4, eval_size=8, eta=1.0,
-                      lr=1e-3, warmup_ratio=0.25, eval_every=2, save_every=2, activation_checkpointing=False, seed=1)
+TRAIN_SETTINGS = dict(
+    total_episodes=32,
+    batch_size=8,
+    micro_batch_size=2,
+    eval_micro_batch_size=4,
+    eval_size=8,
+    eta=1.0,
+    lr=1e-3,
+    warmup_ratio=0.25,
+    eval_every=2,
+    save_every=2,
+    activation_checkpointing=False,
+    seed=1,
+)
 
 
 REWARD_FN = '''
@@ -176,14 +239,18 @@ FAILS_ON_ROW_4 = "def reward(prompt, response):\n    return 1 / 0 if prompt == '
 LENGTH_REWARD = "def length(prompt, response):\n    return float(len(response))\n"
 MULTI_TURN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the sea"},
               {"role": "assistant", "content": "blue"}, {"role": "user", "content": "and the sky"}]
-ARMO_HEADER = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"  # the end of a user turn, as ArmoRM's code looks for it
+ARMO_HEADER = (  # the end of a user turn, as ArmoRM's code looks for it
+    "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+)
 EOT = eval_gsm8k.STOP + ("<|eot_id|>",)
 
 
 BENCH_MAX_PROMPT, BENCH_MAX_RESPONSE = 1024, 2048  # the authors' fixed maxima (the baseline pads every pair to them)
 # AlpacaEval's own copies of the two models' answers (the files in ../shared/data/alpaca_eval, byte for byte)
-ALPACA_EVAL_OUTPUTS = ("https://raw.githubusercontent.com/tatsu-lab/alpaca_eval/e0135ed026d772eed40e8d22e38975b0f00e1545/"
-                       "results/{}/model_outputs.json")
+ALPACA_EVAL_OUTPUTS = (
+    "https://raw.githubusercontent.com/tatsu-lab/alpaca_eval/e0135ed026d772eed40e8d22e38975b0f00e1545/"
+    "results/{}/model_outputs.json"
+)
 
 
 # ----------------------------------------------------------------------------- builders: tiny tokenizers and models
@@ -193,20 +260,43 @@ def make_tokenizer(path, vocab_size=384, corpus=CORPUS, family="llama3"):
     (Llama-3's by default), saved to `path`."""
     spec = FAMILIES[family]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True) if spec.get("gpt2_bytes") else
-                         pre_tokenizers.Sequence([  # Llama-3's split pattern (keeps newlines together), then bytes -> characters
-                             pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
-                             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    tok.pre_tokenizer = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if spec.get("gpt2_bytes")
+        else pre_tokenizers.Sequence(
+            [  # Llama-3's split pattern (keeps newlines together), then bytes -> characters
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus + spec.get("corpus", []), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["special"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], chat_template=spec["template"])
+    tok.train_from_iterator(
+        corpus + spec.get("corpus", []),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=spec["special"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], chat_template=spec["template"]
+    )
     tokenizer.add_tokens(spec.get("added", []))
     tokenizer.save_pretrained(path)
     return tokenizer
 
 
-def make_model(path, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, vocab_size=384, corpus=CORPUS, family="llama3", ends_often=False):
+def make_model(
+    path,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    seed=0,
+    vocab_size=384,
+    corpus=CORPUS,
+    family="llama3",
+    ends_often=False,
+):
     """A tiny random Llama with a family's tokenizer, saved like a Hub checkpoint (config, safetensors, tokenizer,
     generation config with the family's end tokens and sampling defaults). ends_often: the output row of the chat
     template's end-of-turn token points along the embeddings of every 10th token, so that the end of turn often
@@ -214,9 +304,18 @@ def make_model(path, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, vocab_siz
     spec = FAMILIES[family]
     tokenizer = make_tokenizer(path, vocab_size=vocab_size, corpus=corpus, family=family)
     ends = tokenizer.convert_tokens_to_ids(spec["ends"])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=ends, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=ends,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     eot = rebel.end_of_turn(tokenizer)
@@ -224,7 +323,9 @@ def make_model(path, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, vocab_siz
         with torch.no_grad():
             e = model.model.embed_tokens.weight[::10]
             model.lm_head.weight[eot] = 0.08 * e.sum(0) / e.norm(dim=-1).mean() ** 2
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=ends, **spec.get("sampling", {}))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=ends, **spec.get("sampling", {})
+    )
     model.save_pretrained(path)
     return path
 
@@ -233,15 +334,28 @@ def make_armo(path, drop=(), shards=1):
     """A tiny checkpoint laid out as RLHFlow/ArmoRM-Llama3-8B-v0.1: its config fields (architectures, auto_map to its
     remote class, num_objectives, gating_*), pad_token_id = a [PAD] token after the vocabulary, random weights named
     model.* + regression_layer.weight [19, hidden] + reward_transform_matrix [19, 19] + gating.layers.N.weight/bias +
-    gating.logit_scale (minus `drop`), in 1 or 2 safetensors shards; and a modeling_custom.py that raises if imported."""
+    gating.logit_scale (minus `drop`), in 1 or 2 safetensors shards; and a modeling_custom.py that raises if imported.
+    """
     tokenizer = make_tokenizer(path)
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     tokenizer.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForRewardModelWithGating"],
-                         auto_map={"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"},
-                         num_objectives=19, gating_temperature=2, gating_hidden_dim=16, gating_n_hidden=2)  # the real: 19, 10, 1024, 3
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        architectures=["LlamaForRewardModelWithGating"],
+        auto_map={"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"},
+        num_objectives=19,
+        gating_temperature=2,
+        gating_hidden_dim=16,
+        gating_n_hidden=2,
+    )  # the real: 19, 10, 1024, 3
     config.save_pretrained(path)
     torch.manual_seed(2)
     weights = {f"model.{k}": v for k, v in LlamaModel(config).state_dict().items()}
@@ -254,13 +368,21 @@ def make_armo(path, drop=(), shards=1):
     weights["gating.logit_scale"] = torch.tensor([1.7])
     weights = {k: v.contiguous() for k, v in weights.items() if k not in drop}
     names = sorted(weights)  # two shards split in the middle: backbone and head tensors in both
-    files = [f"model-{n + 1:05d}-of-{shards:05d}.safetensors" for n in range(shards)] if shards > 1 else ["model.safetensors"]
+    files = (
+        [f"model-{n + 1:05d}-of-{shards:05d}.safetensors" for n in range(shards)]
+        if shards > 1
+        else ["model.safetensors"]
+    )
     weight_map = {k: files[n * shards // len(names)] for n, k in enumerate(names)}
     for file in files:
-        save_file({k: weights[k] for k in names if weight_map[k] == file}, os.path.join(path, file), metadata={"format": "pt"})
+        save_file(
+            {k: weights[k] for k in names if weight_map[k] == file}, os.path.join(path, file), metadata={"format": "pt"}
+        )
     if shards > 1:
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": sum(v.numel() * 4 for v in weights.values())}, "weight_map": weight_map}, f)
+            json.dump(
+                {"metadata": {"total_size": sum(v.numel() * 4 for v in weights.values())}, "weight_map": weight_map}, f
+            )
     with open(os.path.join(path, "modeling_custom.py"), "w") as f:
         f.write("raise RuntimeError('the remote code of this checkpoint was run')\n")
     return path
@@ -291,7 +413,8 @@ def write_parquet(path, rows):
 
 
 def write_pairs(path, n=40, seed=0, schema="common", message_prompts=False):
-    """Preference pairs of random words in the common schema (rejected, rejected_reward) or Cornell-AGI's (reject...)."""
+    """Preference pairs of random words in the common schema (rejected, rejected_reward) or Cornell-AGI's
+    (reject...)."""
     rng = random.Random(seed)
     rejected, rejected_reward = ("rejected", "rejected_reward") if schema == "common" else ("reject", "reject_reward")
     rows = []
@@ -309,7 +432,12 @@ def write_prompts(path, n, seed=0, ids=False, messages=False):
     rows = []
     for i in range(n):
         text = " ".join(rng.choices(WORDS, k=rng.randint(1, 14)))
-        rows.append({"prompt": [{"role": "user", "content": text}] if messages else text, **({"prompt_id": f"p{i}"} if ids else {})})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": text}] if messages else text,
+                **({"prompt_id": f"p{i}"} if ids else {}),
+            }
+        )
     return write_jsonl(path, rows)
 
 
@@ -318,8 +446,10 @@ def generations(n, k=3, seed=0, long_every=0):
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        responses = [" ".join(rng.choices(WORDS, k=40 if long_every and (i * k + j) % long_every == 0 else rng.randint(1, 12)))
-                     for j in range(k)]
+        responses = [
+            " ".join(rng.choices(WORDS, k=40 if long_every and (i * k + j) % long_every == 0 else rng.randint(1, 12)))
+            for j in range(k)
+        ]
         rows.append(dict(prompt_id=i, prompt=" ".join(rng.choices(WORDS, k=rng.randint(1, 8))), responses=responses,
                          truncated=[False] * k, num_tokens=[len(r) for r in responses], source=f"s{i}"))
     return rows
@@ -328,12 +458,25 @@ def generations(n, k=3, seed=0, long_every=0):
 def multi_turn(rows):
     """The same rows as message lists, every other one with a user and an assistant turn before the last user turn
     (ArmoRM gates on the end of the last)."""
-    return [{**row, "prompt": ([{"role": "user", "content": "why is the sky blue"}, {"role": "assistant", "content": "the sea"}]
-                               if i % 2 else []) + [{"role": "user", "content": row["prompt"]}]} for i, row in enumerate(rows)]
+    return [
+        {
+            **row,
+            "prompt": (
+                (
+                    [{"role": "user", "content": "why is the sky blue"}, {"role": "assistant", "content": "the sea"}]
+                    if i % 2
+                    else []
+                )
+                + [{"role": "user", "content": row["prompt"]}]
+            ),
+        }
+        for i, row in enumerate(rows)
+    ]
 
 
 def bad_prompt_rows(path):
-    """24 pairs with message prompts, 4 of which no chat template can take, as generate.py writes them (temperature 1)."""
+    """24 pairs with message prompts, 4 of which no chat template can take, as generate.py writes them (temperature
+    1)."""
     rows = read_jsonl(write_pairs(path, n=24, message_prompts=True))
     rows[3]["prompt"] = []
     rows[5]["prompt"] = [{"role": "human", "content": "hi"}]
@@ -361,7 +504,9 @@ def train(model, dataset, output_dir, **overrides):
 
 def gen(model, prompts, output, **overrides):
     """generate.main in this process (a 1-process gloo group), small and fast settings."""
-    settings = dict(model=model, prompts=prompts, output=str(output), num_samples=3, max_new_tokens=8, batch_size=2, seed=0)
+    settings = dict(
+        model=model, prompts=prompts, output=str(output), num_samples=3, max_new_tokens=8, batch_size=2, seed=0
+    )
     settings.update(overrides)
     generate.main(generate.Config(**settings))
     return str(output)
@@ -397,7 +542,11 @@ def fake_trackers(monkeypatch):
 
     def init(**kwargs):  # like wandb: a new id unless given one
         calls["wandb_init"].append(kwargs)
-        return SimpleNamespace(id=kwargs["id"] or f"run{len(calls['wandb_init'])}", log=lambda record, step: calls["wandb_log"].append((dict(record), step)), finish=lambda: None)
+        return SimpleNamespace(
+            id=kwargs["id"] or f"run{len(calls['wandb_init'])}",
+            log=lambda record, step: calls["wandb_log"].append((dict(record), step)),
+            finish=lambda: None,
+        )
     wandb.init = init
     tensorboard = ModuleType("torch.utils.tensorboard")
 
@@ -418,8 +567,10 @@ def gsm8k_bad_input(tmp_path):
     which runs eval_gsm8k.main and returns its one-line error."""
     not_a_model = tmp_path / "empty"  # a folder without a model: loading it would raise something else
     not_a_model.mkdir()
-    docs = [{"question": f"Tom has {i} apples and buys 2 more. How many now?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
-            for i in range(10)]
+    docs = [
+        {"question": f"Tom has {i} apples and buys 2 more. How many now?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
+        for i in range(10)
+    ]
     gsm8k_dir = tmp_path / "gsm8k"
     gsm8k_dir.mkdir()
     for split in ("train", "test"):
@@ -464,9 +615,18 @@ def reward_model(tmp_path_factory):
     which the chat template never produces."""
     path = str(tmp_path_factory.mktemp("tiny_rm"))
     tokenizer = make_tokenizer(path)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=4096, num_labels=1,
-                         pad_token_id=tokenizer.convert_tokens_to_ids("<|end_of_text|>"), bos_token_id=tokenizer.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        num_labels=1,
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|end_of_text|>"),
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(1)
     LlamaForSequenceClassification(config).save_pretrained(path)
     return path
@@ -490,14 +650,18 @@ def gsm8k_dir(tmp_path_factory):
     if all(os.path.exists(os.path.join(shared, f"{split}.jsonl")) for split in ("train", "test")):
         return shared
     import datasets
-    try:  # look first, 5 s at most: load_dataset retries an unreachable Hub for ~25 s (HF_HUB_OFFLINE=1: the cache only)
+    # look first, 5 s at most: load_dataset retries an unreachable Hub for ~25 s (HF_HUB_OFFLINE=1: the cache only)
+    try:
         if not constants.HF_HUB_OFFLINE:
             dataset_info("openai/gsm8k", timeout=5)
         hub = datasets.load_dataset("openai/gsm8k", "main")
     except Exception as e:  # offline, unreachable or not cached: every way of not having the data
-        no_data(f"no ../shared/data/gsm8k and the Hub is unreachable ({type(e).__name__}: {' '.join(str(e).split())[:160]}): "
-                "connect to the Hub (openai/gsm8k is then cached), or set HF_HUB_OFFLINE=1 if it is in your HF cache, "
-                f"or put GSM8K's train.jsonl and test.jsonl in {os.path.normpath(shared)}")
+        no_data(
+            f"no ../shared/data/gsm8k and the Hub is unreachable ({type(e).__name__}:"
+            f" {' '.join(str(e).split())[:160]}): connect to the Hub (openai/gsm8k is then cached), or set"
+            " HF_HUB_OFFLINE=1 if it is in your HF cache, or put GSM8K's train.jsonl and test.jsonl in"
+            f" {os.path.normpath(shared)}"
+        )
     folder = tmp_path_factory.mktemp("gsm8k")
     for split in ("train", "test"):
         write_jsonl(folder / f"{split}.jsonl", [{"question": r["question"], "answer": r["answer"]} for r in hub[split]])
@@ -512,7 +676,9 @@ def gsm8k(gsm8k_dir):
 @pytest.fixture(scope="session")
 def alpaca_eval():
     """AlpacaEval's 805 instructions with Meta-Llama-3-8B-Instruct's and REBEL-Llama-3-8B-Instruct-Armo's real answers
-    (`instruction`, `output`): ../shared/data/alpaca_eval, else the same files downloaded from the AlpacaEval repository."""
+    (`instruction`, `output`): ../shared/data/alpaca_eval, else the same files downloaded from the AlpacaEval
+    repository.
+    """
     outputs = []
     for name in ("Meta-Llama-3-8B-Instruct", "REBEL-Llama-3-8B-Instruct-Armo"):
         path = os.path.join(SHARED_DATA, "alpaca_eval", f"{name}.json")
@@ -523,8 +689,10 @@ def alpaca_eval():
             with urllib.request.urlopen(ALPACA_EVAL_OUTPUTS.format(name), timeout=10) as f:
                 outputs.append(json.load(f))
         except OSError as e:  # offline or unreachable (URLError, timeouts)
-            no_data(f"no ../shared/data/alpaca_eval and {ALPACA_EVAL_OUTPUTS.format(name)} is unreachable ({e}): connect to "
-                    f"the Internet, or save that file as {os.path.normpath(path)}")
+            no_data(
+                f"no ../shared/data/alpaca_eval and {ALPACA_EVAL_OUTPUTS.format(name)} is unreachable ({e}): connect to"
+                f" the Internet, or save that file as {os.path.normpath(path)}"
+            )
     return outputs
 
 
@@ -632,7 +800,12 @@ def naive_logprob(model, prompt_ids, response_ids, temperature):
 def armo_by_hand(path, sequences, gate_on_first=False):
     """ArmoRM's score of each token list, alone (no padding), from its description: plain torch on the checkpoint's
     tensors after a LlamaModel forward. Reward at the last token; gate at the last (or first) user turn's end."""
-    weights = {k: v for f in os.listdir(path) if f.endswith(".safetensors") for k, v in load_file(os.path.join(path, f)).items()}
+    weights = {
+        k: v
+        for f in os.listdir(path)
+        if f.endswith(".safetensors")
+        for k, v in load_file(os.path.join(path, f)).items()
+    }
     config = json.load(open(os.path.join(path, "config.json")))
     header = AutoTokenizer.from_pretrained(path).encode(ARMO_HEADER, add_special_tokens=False)
     backbone = LlamaModel.from_pretrained(path).eval()
@@ -653,18 +826,34 @@ def armo_by_hand(path, sequences, gate_on_first=False):
 
 def reward_inputs(path, rows):
     tokenizer = rebel.load_tokenizer(path)
-    return [tokenizer(tokenizer.apply_chat_template(rebel.chat_messages(row["prompt"]) + [{"role": "assistant", "content": r}], tokenize=False),
-                      add_special_tokens=False)["input_ids"] for row in rows for r in row["responses"]]
+    return [
+        tokenizer(
+            tokenizer.apply_chat_template(
+                rebel.chat_messages(row["prompt"]) + [{"role": "assistant", "content": r}], tokenize=False
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for row in rows
+        for r in row["responses"]
+    ]
 
 
 def family_pipeline(family, tmp_path, n=8, **generate_settings):
-    """generate.py (3 samples of ≤ 12 tokens) → score.py (reward = length) on a family's tiny model; the rows of both."""
+    """generate.py (3 samples of ≤ 12 tokens) → score.py (reward = length) on a family's tiny model; the rows of
+    both."""
     model = make_model(str(tmp_path / family), family=family, ends_often=True)
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": " ".join(WORDS[i:i + 3 + i % 5])}]}
-                                                       for i in range(n - 1)] + [{"prompt": MULTI_TURN}])  # Gemma and Mistral raise on its system turn
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [{"prompt": [{"role": "user", "content": " ".join(WORDS[i : i + 3 + i % 5])}]} for i in range(n - 1)]
+        + [{"prompt": MULTI_TURN}],
+    )  # Gemma and Mistral raise on its system turn
     (tmp_path / "rewards.py").write_text(LENGTH_REWARD)
-    generated = gen(model, prompts, tmp_path / "gen.jsonl", num_samples=3, max_new_tokens=12, batch_size=4, **generate_settings)
-    pairs = run_score(generated, tmp_path / "pairs.jsonl", reward_fn=f"{tmp_path / 'rewards.py'}:length", drop_truncated=False)
+    generated = gen(
+        model, prompts, tmp_path / "gen.jsonl", num_samples=3, max_new_tokens=12, batch_size=4, **generate_settings
+    )
+    pairs = run_score(
+        generated, tmp_path / "pairs.jsonl", reward_fn=f"{tmp_path / 'rewards.py'}:length", drop_truncated=False
+    )
     return model, read_jsonl(generated), pairs
 
 
@@ -689,7 +878,9 @@ class TestLoss:
 
     def test_first_update_loss_is_mean_squared_scaled_reward_gap(self, tiny_model, tmp_path):
         data = write_pairs(tmp_path / "p.jsonl", n=24)
-        out = train(tiny_model, data, tmp_path / "run", eta=3.0, total_episodes=8, batch_size=8, eval_size=0, save_final=False)
+        out = train(
+            tiny_model, data, tmp_path / "run", eta=3.0, total_episodes=8, batch_size=8, eval_size=0, save_final=False
+        )
         first = read_jsonl(os.path.join(out, "metrics.jsonl"))[0]
         positions = rebel.global_batch(24, 8, 0, seed=1)
         rows = read_jsonl(data)
@@ -718,11 +909,15 @@ class TestLogprobs:
         tokenizer = rebel.load_tokenizer(tiny_model)
         eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
         for schema, messages in (("common", False), ("cornell", True)):
-            rows = Dataset.from_list(read_jsonl(write_pairs(tmp_path / f"{schema}.jsonl", n=5, schema=schema, message_prompts=messages)))
+            rows = Dataset.from_list(
+                read_jsonl(write_pairs(tmp_path / f"{schema}.jsonl", n=5, schema=schema, message_prompts=messages))
+            )
             pairs = rebel.tokenize_pairs(rows, tokenizer, schema, len(tokenizer))
             for row, pair in zip(rows, pairs):
                 prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][0]["content"]
-                assert tokenizer.decode(pair["prompt_ids"]).endswith(f"{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+                assert tokenizer.decode(pair["prompt_ids"]).endswith(
+                    f"{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+                )
                 assert pair["chosen_ids"][-1] == eot and pair["rejected_ids"][-1] == eot
                 assert tokenizer.decode(pair["chosen_ids"]) == row["chosen"] + "<|eot_id|>"
                 assert pair["rejected_reward"] == (row.get("rejected_reward") or row.get("reject_reward"))
@@ -732,16 +927,24 @@ class TestLogprobs:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         tokenizer = rebel.load_tokenizer(tiny_model)
-        pairs = rebel.tokenize_pairs(Dataset.from_list(read_jsonl(write_pairs(tmp_path / "p.jsonl", n=6))), tokenizer, "t", len(tokenizer))
+        pairs = rebel.tokenize_pairs(
+            Dataset.from_list(read_jsonl(write_pairs(tmp_path / "p.jsonl", n=6))), tokenizer, "t", len(tokenizer)
+        )
         temperature = 0.7
-        naive = torch.stack([torch.stack([naive_logprob(model, p["prompt_ids"], p[k], temperature) for k in ("chosen_ids", "rejected_ids")])
-                             for p in pairs])
+        naive = torch.stack(
+            [
+                torch.stack(
+                    [naive_logprob(model, p["prompt_ids"], p[k], temperature) for k in ("chosen_ids", "rejected_ids")]
+                )
+                for p in pairs
+            ]
+        )
 
         def batched(group, chunk):
             out = rebel.response_logprobs(model, *rebel.collate(group, tokenizer.pad_token_id), temperature, chunk)
             return out.view(2, len(group)).T
 
-        together = batched(pairs, chunk=7)                                  # all six padded to the longest, 7-token chunks
+        together = batched(pairs, chunk=7)  # all six padded to the longest, 7-token chunks
         alone = torch.cat([batched([p], chunk=1024) for p in pairs])        # each pair on its own, no padding
         torch.testing.assert_close(together, naive, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(alone, naive, atol=1e-4, rtol=1e-5)
@@ -753,7 +956,11 @@ class TestLogprobs:
         batched(pairs[:3], chunk=5).sum().backward()
         chunked_grad = model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()
         model.zero_grad()
-        sum(naive_logprob(model, p["prompt_ids"], p[k], temperature) for p in pairs[:3] for k in ("chosen_ids", "rejected_ids")).backward()
+        sum(
+            naive_logprob(model, p["prompt_ids"], p[k], temperature)
+            for p in pairs[:3]
+            for k in ("chosen_ids", "rejected_ids")
+        ).backward()
         torch.testing.assert_close(chunked_grad[0], model.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(chunked_grad[1], model.model.layers[0].mlp.up_proj.weight.grad, atol=1e-5, rtol=1e-4)
 
@@ -761,8 +968,14 @@ class TestLogprobs:
         stream = [rebel.global_batch(10, 4, u, seed=3) for u in range(6)]   # 24 pairs drawn from 10: crosses two epochs
         flat = sum(stream, [])
         assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-        assert stream == [rebel.global_batch(10, 4, u, seed=3) for u in range(6)] != [rebel.global_batch(10, 4, u, seed=4) for u in range(6)]
-        batches = rebel.micro_batches([{"prompt_ids": [0] * i, "chosen_ids": [0], "rejected_ids": [0]} for i in range(10)], stream[0], 1)
+        assert (
+            stream
+            == [rebel.global_batch(10, 4, u, seed=3) for u in range(6)]
+            != [rebel.global_batch(10, 4, u, seed=4) for u in range(6)]
+        )
+        batches = rebel.micro_batches(
+            [{"prompt_ids": [0] * i, "chosen_ids": [0], "rejected_ids": [0]} for i in range(10)], stream[0], 1
+        )
         dealt = [rebel.for_rank(batches, r, 3) for r in range(3)]   # 4 micro-batches over 3 ranks: same count each
         assert [len(d) for d in dealt] == [2, 2, 2] and sum(b is None for d in dealt for b in d) == 2
         assert sorted(id(b) for d in dealt for b in d if b) == sorted(map(id, batches))
@@ -773,11 +986,16 @@ class TestTraining:
 
     def test_two_processes_equal_one_and_final_model_reloads(self, tiny_model, tmp_path, capsys):
         rows = read_jsonl(write_pairs(tmp_path / "p.jsonl", n=41, message_prompts=True))
-        rows[17]["prompt"] = [{"role": "human", "content": "hi"}]  # dropped and counted by every process alike, not a hang
+        rows[17]["prompt"] = [
+            {"role": "human", "content": "hi"}
+        ]  # dropped and counted by every process alike, not a hang
         data = write_jsonl(tmp_path / "p.jsonl", rows)
         one = train(tiny_model, data, tmp_path / "one")
         two = str(tmp_path / "two")  # the same settings, but 2 processes and activation checkpointing on
-        done = torchrun("rebel.py", dict(TRAIN_SETTINGS, model=tiny_model, dataset=data, output_dir=two, activation_checkpointing="true"))
+        done = torchrun(
+            "rebel.py",
+            dict(TRAIN_SETTINGS, model=tiny_model, dataset=data, output_dir=two, activation_checkpointing="true"),
+        )
         for printed in (capsys.readouterr().out, done.stdout):
             assert "dropped 1 of 41 rows | 1 × each message must be" in printed and "(first: row 17)" in printed
         m1, m2 = read_jsonl(os.path.join(one, "metrics.jsonl")), read_jsonl(os.path.join(two, "metrics.jsonl"))
@@ -795,12 +1013,18 @@ class TestTraining:
         from datasets import Dataset
         model = AutoModelForCausalLM.from_pretrained(os.path.join(one, "final"))
         tokenizer = rebel.load_tokenizer(os.path.join(one, "final"))
-        ref = {r["index"]: (r["chosen_logprob"], r["rejected_logprob"]) for r in read_jsonl(os.path.join(one, "ref_logprobs.jsonl")) if r["split"] == "eval"}
+        ref = {
+            r["index"]: (r["chosen_logprob"], r["rejected_logprob"])
+            for r in read_jsonl(os.path.join(one, "ref_logprobs.jsonl"))
+            if r["split"] == "eval"
+        }
         rows = Dataset.from_list(read_jsonl(data))
         pairs = [p for p in rebel.tokenize_pairs(rows, tokenizer, "t", len(tokenizer)) if p["index"] in ref]
         with torch.no_grad():
             logps = rebel.response_logprobs(model, *rebel.collate(pairs, tokenizer.pad_token_id), 0.8, 1024).view(2, -1)
-        diff = (logps[0] - torch.tensor([ref[p["index"]][0] for p in pairs])) - (logps[1] - torch.tensor([ref[p["index"]][1] for p in pairs]))
+        diff = (logps[0] - torch.tensor([ref[p["index"]][0] for p in pairs])) - (
+            logps[1] - torch.tensor([ref[p["index"]][1] for p in pairs])
+        )
         gap = torch.tensor([p["chosen_reward"] - p["rejected_reward"] for p in pairs])
         assert len(pairs) == 8 and ((diff - gap) ** 2).mean().item() == pytest.approx(m1[-1]["val_loss"], rel=1e-4)
 
@@ -821,9 +1045,13 @@ class TestTraining:
         assert "note: 1 unreadable line(s) of" in printed and "reference log-probs: reusing" in printed
         w1, w2 = final_weights(full), final_weights(part)
         assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
-        m_full, m_part = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
+        m_full, m_part = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(
+            os.path.join(part, "metrics.jsonl")
+        )
         assert [r["update"] for r in m_part] == [r["update"] for r in m_full] == [0, 1, 2, 2, 3, 4, 4, 5, 6, 6]
-        assert [r.get("loss", r.get("val_loss")) for r in m_part] == pytest.approx([r.get("loss", r.get("val_loss")) for r in m_full], rel=1e-5)
+        assert [r.get("loss", r.get("val_loss")) for r in m_part] == pytest.approx(
+            [r.get("loss", r.get("val_loss")) for r in m_full], rel=1e-5
+        )
         # a finished run is not redone, and a resume may not change what the run is
         stamp = os.path.getmtime(os.path.join(part, "final", "model.safetensors"))
         train(tiny_model, data, part, total_episodes=48, resume=True)
@@ -834,7 +1062,8 @@ class TestTraining:
 
     def test_final_model_keeps_the_starting_dtype_tokenizer_and_no_dropout(self, tiny_model, tmp_path):
         """A bf16 checkpoint with attention dropout: training turns dropout off (update 1's log-ratios are exactly 0, as
-        policy = reference), and final/ is bf16 in its config and tensors, with the tokenizer as it was (no pad token)."""
+        policy = reference), and final/ is bf16 in its config and tensors, with the tokenizer as it was (no pad token).
+        """
         start = str(tmp_path / "bf16")
         model = AutoModelForCausalLM.from_pretrained(tiny_model, attention_dropout=0.5).to(torch.bfloat16)
         model.save_pretrained(start)
@@ -846,9 +1075,14 @@ class TestTraining:
         assert json.load(open(os.path.join(final, "config.json")))["dtype"] == "bfloat16"
         assert AutoModelForCausalLM.from_pretrained(final, dtype="auto").dtype == torch.bfloat16
         assert AutoTokenizer.from_pretrained(final).pad_token is None
-        assert GenerationConfig.from_pretrained(final).eos_token_id == GenerationConfig.from_pretrained(tiny_model).eos_token_id
+        assert (
+            GenerationConfig.from_pretrained(final).eos_token_id
+            == GenerationConfig.from_pretrained(tiny_model).eos_token_id
+        )
 
-    def test_report_to_wandb_and_tensorboard_log_every_record_and_continue_on_resume(self, tiny_model, tmp_path, monkeypatch):
+    def test_report_to_wandb_and_tensorboard_log_every_record_and_continue_on_resume(
+        self, tiny_model, tmp_path, monkeypatch
+    ):
         data = write_pairs(tmp_path / "p.jsonl", n=40)
         calls = fake_trackers(monkeypatch)
         for tracker in ("wandb", "tensorboard"):
@@ -860,65 +1094,146 @@ class TestTraining:
                 assert first["id"] is None and again["id"] == open(os.path.join(out, "wandb_run_id")).read() == "run1"
                 assert again["resume"] == "allow"
                 assert first["config"]["eta"] == 1.0 and first["config"]["report_to"] == "wandb"
-                assert [({k: v for k, v in r.items() if k != "update"}, r["update"]) for r in metrics] == calls["wandb_log"]
+                assert [({k: v for k, v in r.items() if k != "update"}, r["update"]) for r in metrics] == calls[
+                    "wandb_log"
+                ]
             else:  # the resume purges what was logged after its checkpoint, so no step is there twice
-                assert calls["tb_init"] == [(os.path.join(out, "tensorboard"), None), (os.path.join(out, "tensorboard"), 3)]
+                assert calls["tb_init"] == [
+                    (os.path.join(out, "tensorboard"), None),
+                    (os.path.join(out, "tensorboard"), 3),
+                ]
                 assert len(calls["tb_text"]) == 1 and '"eta": 1.0' in calls["tb_text"][0][1]
-                assert calls["tb_scalars"] == [(k, v, r["update"]) for r in metrics for k, v in r.items() if k != "update"]
+                assert calls["tb_scalars"] == [
+                    (k, v, r["update"]) for r in metrics for k, v in r.items() if k != "update"
+                ]
         # generate.py and score.py send their summaries
         prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
         gen(tiny_model, prompts, tmp_path / "gen.jsonl", report_to="wandb")
-        assert calls["wandb_log"][-1][0]["generate/prompts"] == 4 and calls["wandb_log"][-1][0]["generate/responses"] == 12
+        assert (
+            calls["wandb_log"][-1][0]["generate/prompts"] == 4 and calls["wandb_log"][-1][0]["generate/responses"] == 12
+        )
         # a tracker that is not installed: one line, before any work
         monkeypatch.setitem(sys.modules, "wandb", None)
         with pytest.raises(SystemExit, match=r"--report_to wandb: the package is not installed \(pip install wandb\)"):
             rebel.Config(report_to="wandb")
 
     def test_config_files_and_flags_give_the_same_run(self, tiny_model, tmp_path):
-        """`script.py run.yaml` (HF's convention), `--config run.json`, and flags: the same config; flags override the file."""
+        """`script.py run.yaml` (HF's convention), `--config run.json`, and flags: the same config; flags override the
+        file."""
         data = write_pairs(tmp_path / "p.jsonl", n=24)
-        flags = ["--model", tiny_model, "--dataset", data, "--lr", "3e-7", "--total_episodes", "16", "--batch_size", "8",
-                 "--activation_checkpointing", "false", "--eval_size", "8", "--eta", "2.5", "--dtype", "float32"]
-        settings = dict(model=tiny_model, dataset=data, lr="3e-7", total_episodes=16, batch_size=8,  # YAML reads 3e-7 as a string
-                        activation_checkpointing=False, eval_size=8, eta=2.5, dtype="float32", micro_batch_size=4)
-        (tmp_path / "run.yaml").write_text("".join(f"{k}: {v}\n" for k, v in settings.items()).replace("False", "false"))
+        flags = [
+            "--model",
+            tiny_model,
+            "--dataset",
+            data,
+            "--lr",
+            "3e-7",
+            "--total_episodes",
+            "16",
+            "--batch_size",
+            "8",
+            "--activation_checkpointing",
+            "false",
+            "--eval_size",
+            "8",
+            "--eta",
+            "2.5",
+            "--dtype",
+            "float32",
+        ]
+        settings = dict(
+            model=tiny_model,
+            dataset=data,
+            lr="3e-7",
+            total_episodes=16,
+            batch_size=8,  # YAML reads 3e-7 as a string
+            activation_checkpointing=False,
+            eval_size=8,
+            eta=2.5,
+            dtype="float32",
+            micro_batch_size=4,
+        )
+        (tmp_path / "run.yaml").write_text(
+            "".join(f"{k}: {v}\n" for k, v in settings.items()).replace("False", "false")
+        )
         (tmp_path / "run.json").write_text(json.dumps(settings))
         expected = rebel.parse_config(rebel.Config, flags)
         assert expected.lr == 3e-7 and expected.activation_checkpointing is False and expected.micro_batch_size == 2
-        for argv in ([str(tmp_path / "run.yaml")], ["--config", str(tmp_path / "run.json")], [str(tmp_path / "run.json")]):
+        for argv in (
+            [str(tmp_path / "run.yaml")],
+            ["--config", str(tmp_path / "run.json")],
+            [str(tmp_path / "run.json")],
+        ):
             assert rebel.parse_config(rebel.Config, argv + ["--micro_batch_size", "2"]) == expected  # the flag wins
             assert rebel.parse_config(rebel.Config, argv).micro_batch_size == 4
-        for module, argv in ((generate, ["--temperature", "1.0", "--engine", "hf", "--num_samples", "3"]),
-                             (score, ["--drop_truncated", "false", "--max_length", "77"]), (eval_gsm8k, ["--chat_template", "--limit", "5"])):
+        for module, argv in (
+            (generate, ["--temperature", "1.0", "--engine", "hf", "--num_samples", "3"]),
+            (score, ["--drop_truncated", "false", "--max_length", "77"]),
+            (eval_gsm8k, ["--chat_template", "--limit", "5"]),
+        ):
             keys = [a[2:] for a in argv if a.startswith("--")]
             file = tmp_path / f"{module.__name__}.yaml"
             flat = rebel.parse_config(module.Config, argv)
             file.write_text("".join(f"{k}: {json.dumps(getattr(flat, k))}\n" for k in keys))
             assert rebel.parse_config(module.Config, [str(file)]) == flat
-        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:  # argparse's usage error, exit 2
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(
+            io.StringIO()
+        ) as err:  # argparse's usage error, exit 2
             rebel.parse_config(rebel.Config, ["--lr", "1e-6", str(tmp_path / "run.yaml")])
         assert "a settings file goes first or after --config: --config " in err.getvalue()
         # and the run itself: from the YAML file, the same metrics as from the flags
         for argv, name in ((flags, "flags"), ([str(tmp_path / "run.yaml"), "--micro_batch_size", "2"], "yaml")):
-            rebel.main(rebel.parse_config(rebel.Config, argv + ["--output_dir", str(tmp_path / name), "--save_final", "false"]))
-        strip = lambda name: [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in read_jsonl(tmp_path / name / "metrics.jsonl")]  # noqa: E731
+            rebel.main(
+                rebel.parse_config(rebel.Config, argv + ["--output_dir", str(tmp_path / name), "--save_final", "false"])
+            )
+        strip = lambda name: [
+            {k: v for k, v in r.items() if not k.endswith("_per_s")}
+            for r in read_jsonl(tmp_path / name / "metrics.jsonl")
+        ]  # noqa: E731
         assert len(strip("flags")) == 4 and strip("yaml") == strip("flags")  # eval, update 1, update 2, eval
 
-    @pytest.mark.parametrize("name, text, message", [
-        pytest.param("typo.yaml", "learning_rate: 1e-6\n", r"--config .*typo\.yaml: unknown settings learning_rate",
-                     id="unknown-setting"),
-        pytest.param("bad.yaml", "lr: [1\n", r"--config .*bad\.yaml: ", id="not-yaml"),
-        pytest.param("types.yaml", "lr: fast\n", r"^error: --config .*types\.yaml: lr must be a number, got 'fast'",
-                     id="text-for-a-number"),
-        pytest.param("types.yaml", "activation_checkpointing: maybe\n",
-                     r"^error: --config .*types\.yaml: activation_checkpointing must be true or false", id="not-a-boolean"),
-        pytest.param("types.yaml", "total_episodes: 1.5\n",
-                     r"^error: --config .*types\.yaml: total_episodes must be an integer, got 1.5", id="not-an-integer"),
-        pytest.param("types.yaml", "dtype: bf16\n", r"^error: --config .*types\.yaml: dtype must be one of auto, bfloat16",
-                     id="unknown-choice"),
-        pytest.param("types.yaml", "eta: .inf\n", r"^error: --config .*types\.yaml: eta must be a finite number, got inf",
-                     id="infinite-number"),
-    ])
+    @pytest.mark.parametrize(
+        "name, text, message",
+        [
+            pytest.param(
+                "typo.yaml",
+                "learning_rate: 1e-6\n",
+                r"--config .*typo\.yaml: unknown settings learning_rate",
+                id="unknown-setting",
+            ),
+            pytest.param("bad.yaml", "lr: [1\n", r"--config .*bad\.yaml: ", id="not-yaml"),
+            pytest.param(
+                "types.yaml",
+                "lr: fast\n",
+                r"^error: --config .*types\.yaml: lr must be a number, got 'fast'",
+                id="text-for-a-number",
+            ),
+            pytest.param(
+                "types.yaml",
+                "activation_checkpointing: maybe\n",
+                r"^error: --config .*types\.yaml: activation_checkpointing must be true or false",
+                id="not-a-boolean",
+            ),
+            pytest.param(
+                "types.yaml",
+                "total_episodes: 1.5\n",
+                r"^error: --config .*types\.yaml: total_episodes must be an integer, got 1.5",
+                id="not-an-integer",
+            ),
+            pytest.param(
+                "types.yaml",
+                "dtype: bf16\n",
+                r"^error: --config .*types\.yaml: dtype must be one of auto, bfloat16",
+                id="unknown-choice",
+            ),
+            pytest.param(
+                "types.yaml",
+                "eta: .inf\n",
+                r"^error: --config .*types\.yaml: eta must be a finite number, got inf",
+                id="infinite-number",
+            ),
+        ],
+    )
     def test_config_file_errors_name_the_file(self, name, text, message, tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(SystemExit, match=message):
@@ -929,7 +1244,9 @@ class TestTraining:
         readme = open(os.path.join(HERE, "README.md")).read()
         (tmp_path / "run.yaml").write_text(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
         cfg = rebel.parse_config(rebel.Config, [str(tmp_path / "run.yaml"), "--report_to", "none"])
-        assert dataclasses.replace(cfg, dataset=rebel.Config.dataset, output_dir=rebel.Config.output_dir) == rebel.Config()
+        assert (
+            dataclasses.replace(cfg, dataset=rebel.Config.dataset, output_dir=rebel.Config.output_dir) == rebel.Config()
+        )
         assert cfg.eta == 1e6 and cfg.lr == 3e-7 and cfg.dataset == "runs/iter_1/pairs"
 
     def test_generated_and_scored_pairs_train_with_rebel(self, tiny_model, tmp_path):
@@ -946,15 +1263,35 @@ class TestTraining:
         rows[1]["chosen_ids"] = rows[1]["rejected_ids"]
         tokenizer = rebel.load_tokenizer(tiny_model)
         kept = rebel.tokenize_pairs(Dataset.from_list(rows), tokenizer, "edited", len(tokenizer))
-        assert [p["index"] for p in kept] == [i for i in range(len(rows)) if i != 1 or rows[1]["chosen"] == rows[1]["rejected"]]
+        assert [p["index"] for p in kept] == [
+            i for i in range(len(rows)) if i != 1 or rows[1]["chosen"] == rows[1]["rejected"]
+        ]
         rows[1]["chosen_ids"], rows[1]["chosen"] = rows[1]["rejected_ids"], rows[1]["rejected"] + " and more"
         with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as printed:
             rebel.tokenize_pairs(Dataset.from_list(rows[1:2]), tokenizer, "edited", len(tokenizer))
-        assert "1 × chosen_ids do not decode to the chosen text (edited after sampling, or decoded another way?)" in printed.getvalue()
+        assert (
+            "1 × chosen_ids do not decode to the chosen text (edited after sampling, or decoded another way?)"
+            in printed.getvalue()
+        )
         out = tmp_path / "run"
-        rebel.main(rebel.Config(model=tiny_model, dataset=pairs, output_dir=str(out), total_episodes=8, batch_size=4, micro_batch_size=2,
-                                eval_micro_batch_size=4, eta=1.0, lr=1e-3, warmup_ratio=0.25, eval_every=1, save_every=0,
-                                activation_checkpointing=False, seed=1))
+        rebel.main(
+            rebel.Config(
+                model=tiny_model,
+                dataset=pairs,
+                output_dir=str(out),
+                total_episodes=8,
+                batch_size=4,
+                micro_batch_size=2,
+                eval_micro_batch_size=4,
+                eta=1.0,
+                lr=1e-3,
+                warmup_ratio=0.25,
+                eval_every=1,
+                save_every=0,
+                activation_checkpointing=False,
+                seed=1,
+            )
+        )
         metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
         losses = [m["loss"] for m in metrics if "loss" in m]
         assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
@@ -965,82 +1302,177 @@ class TestTraining:
 class TestInputs:
     """rebel.py's bad input, broken files and dropped rows (and generate.py's dropped prompts)."""
 
-    @pytest.mark.parametrize("case, message", [
-        pytest.param(lambda f: dict(dataset=str(f.tmp / "missing.jsonl")), r"missing\.jsonl.*no such file",
-                     id="missing-file"),
-        pytest.param(lambda f: dict(dataset=f.data("no_col", [{k: v for k, v in r.items() if k != "chosen_reward"}
-                                                               for r in f.good])),
-                     r"missing column 'chosen_reward'", id="missing-column"),
-        pytest.param(lambda f: dict(dataset=f.data("text_reward", [{**r, "rejected_reward": "low"} for r in f.good])),
-                     r"row 0: column 'rejected_reward' must be a finite number, got 'low'", id="text-reward"),
-        pytest.param(lambda f: dict(dataset=f.data("nan_reward", [
-            {**r, "chosen_reward": float("nan") if i == 5 else r["chosen_reward"]} for i, r in enumerate(f.good)])),
-            r"row 5: column 'chosen_reward' must be a finite number, got nan", id="nan-reward"),
-        pytest.param(lambda f: dict(max_response_len=1), r"train: no pair left after the length filter",
-                     id="nothing-left-after-length-filter"),
-        pytest.param(lambda f: dict(model=f.no_template), r"has no chat template", id="no-chat-template"),
-        pytest.param(lambda f: dict(model=str(f.tmp / "no_model")), r"model '.*no_model': no such folder, and not a Hub id",
-                     id="missing-model"),
-        pytest.param(lambda f: dict(micro_batch_size=3),
-                     r"--batch_size 8 must be a multiple of --micro_batch_size × processes = 3 × 1",
-                     id="batch-not-a-multiple"),
-        pytest.param(lambda f: dict(total_episodes=4), r"less than one batch", id="less-than-one-batch"),
-        pytest.param(lambda f: dict(dtype="fp8"), r"--dtype must be", id="unknown-dtype"),
-        pytest.param(lambda f: dict(output_dir=str(f.folder / "earlier")),
-                     r"holds a checkpoint of an earlier run: add --resume", id="earlier-run-without-resume"),
-        # settings that trained the wrong thing, or failed late, are refused before any data is read
-        pytest.param(lambda f: dict(micro_batch_size=-2), r"--micro_batch_size must be >= 1, got -2",
-                     id="negative-micro-batch"),
-        pytest.param(lambda f: dict(micro_batch_size=0), r"--micro_batch_size must be >= 1, got 0", id="zero-micro-batch"),
-        pytest.param(lambda f: dict(eta=-1.0), r"--eta must be > 0, got -1.0", id="negative-eta"),
-        pytest.param(lambda f: dict(eta=0.0), r"--eta must be > 0, got 0.0", id="zero-eta"),
-        pytest.param(lambda f: dict(temperature=-0.8), r"--temperature must be > 0, got -0.8", id="negative-temperature"),
-        pytest.param(lambda f: dict(temperature=0), r"--temperature must be > 0, got 0", id="zero-temperature"),
-        pytest.param(lambda f: dict(warmup_ratio=2.0), r"--warmup_ratio must be in \[0, 1\], got 2.0",
-                     id="warmup-ratio-over-1"),
-        pytest.param(lambda f: dict(lr=-1e-3), r"--lr must be > 0, got -0.001", id="negative-lr"),
-        pytest.param(lambda f: dict(beta1=1.5), r"--beta1 must be in \[0, 1\), got 1.5", id="beta1-over-1"),
-        pytest.param(lambda f: dict(eval_micro_batch_size=0), r"--eval_micro_batch_size must be >= 1, got 0",
-                     id="zero-eval-micro-batch"),
-        pytest.param(lambda f: dict(logprob_chunk=-1), r"--logprob_chunk must be >= 1, got -1", id="negative-logprob-chunk"),
-        pytest.param(lambda f: dict(batch_size="eight"), r"--batch_size must be an integer, got 'eight'",
-                     id="batch-size-text"),
-        pytest.param(lambda f: dict(batch_size=8.0), r"--batch_size must be an integer, got 8.0", id="batch-size-float"),
-        pytest.param(lambda f: dict(report_to="mlflow"), r"--report_to must be one of none, wandb, tensorboard, got 'mlflow'",
-                     id="unknown-tracker"),
-        # files that gave tracebacks
-        pytest.param(lambda f: dict(dataset=str(f.empty)), r"empty\.jsonl: the file is empty", id="empty-file"),
-        pytest.param(lambda f: dict(dataset=str(f.cut)), r"cut\.jsonl: line 3: not valid JSON", id="cut-file"),
-        pytest.param(lambda f: dict(output_dir=str(f.empty)), r"--output_dir .*empty\.jsonl is a file, not a folder",
-                     id="output-dir-is-a-file"),
-        pytest.param(lambda f: dict(output_dir=str(f.empty / "run")), r"--output_dir .*empty\.jsonl/run: cannot write there",
-                     id="output-dir-under-a-file"),
-        pytest.param(lambda f: dict(model=str(f.no_weights)), r"model folder .*no_weights has no weights",
-                     id="model-without-weights"),
-        pytest.param(lambda f: dict(dataset=f.data("two_ids", [dict(r, chosen_ids=[5], rejected_ids=[6]) for r in f.good])),
-                     r"two_ids\.parquet\[train\]: has chosen_ids, rejected_ids but not all of prompt_ids",
-                     id="partial-id-columns"),
-        pytest.param(lambda f: dict(dataset=write_jsonl(f.tmp / "mixed.jsonl", [
-            dict(r, prompt=[{"role": "user", "content": "hi"}]) if i == 1 else r for i, r in enumerate(f.good)])),
-            r"column 'prompt' mixes strings and lists", id="mixed-prompt-column"),
-        pytest.param(lambda f: dict(dataset="runs/no_such_pairs.jsonl"), r"runs/no_such_pairs\.jsonl: no such file",
-                     id="missing-relative-file"),
-        # a mistyped data path is said before any model or tokenizer is looked for (a Hub id would be fetched first)
-        pytest.param(lambda f: dict(dataset="runs/no_such_pairs.jsonl", model="no-such-owner/no-such-model"),
-                     r"runs/no_such_pairs\.jsonl: no such file", id="missing-file-before-hub-model"),
-        pytest.param(lambda f: dict(model=str(f.tmp / "no" / "model")), r"model '.*no/model': no such folder, and not a Hub id",
-                     id="missing-nested-model"),
-        pytest.param(lambda f: dict(dataset=write_jsonl(f.tmp / "both.jsonl", [dict(r, reject=r["chosen"]) for r in f.good])),
-                     r"both\.jsonl\[train\]: has both columns 'rejected' and 'reject', which mean the same: keep one",
-                     id="rejected-and-reject-columns"),
-        pytest.param(lambda f: dict(output_dir=f.model), r"--model .* is inside --output_dir .*, where this run writes final/",
-                     id="model-inside-output-dir"),
-        pytest.param(lambda f: dict(adam_eps=0.0), r"--adam_eps must be > 0, got 0.0", id="zero-adam-eps"),
-        pytest.param(lambda f: dict(eta=float("inf")), r"--eta must be a finite number, got inf", id="infinite-eta"),
-        pytest.param(lambda f: dict(lr=float("nan")), r"--lr must be a finite number, got nan", id="nan-lr"),
-    ])
-    def test_bad_input_fails_clearly_before_loading_the_model(self, case, message, bad_input_files, tiny_model, tmp_path,
-                                                              monkeypatch):
+    @pytest.mark.parametrize(
+        "case, message",
+        [
+            pytest.param(
+                lambda f: dict(dataset=str(f.tmp / "missing.jsonl")), r"missing\.jsonl.*no such file", id="missing-file"
+            ),
+            pytest.param(
+                lambda f: dict(
+                    dataset=f.data("no_col", [{k: v for k, v in r.items() if k != "chosen_reward"} for r in f.good])
+                ),
+                r"missing column 'chosen_reward'",
+                id="missing-column",
+            ),
+            pytest.param(
+                lambda f: dict(dataset=f.data("text_reward", [{**r, "rejected_reward": "low"} for r in f.good])),
+                r"row 0: column 'rejected_reward' must be a finite number, got 'low'",
+                id="text-reward",
+            ),
+            pytest.param(
+                lambda f: dict(
+                    dataset=f.data(
+                        "nan_reward",
+                        [
+                            {**r, "chosen_reward": float("nan") if i == 5 else r["chosen_reward"]}
+                            for i, r in enumerate(f.good)
+                        ],
+                    )
+                ),
+                r"row 5: column 'chosen_reward' must be a finite number, got nan",
+                id="nan-reward",
+            ),
+            pytest.param(
+                lambda f: dict(max_response_len=1),
+                r"train: no pair left after the length filter",
+                id="nothing-left-after-length-filter",
+            ),
+            pytest.param(lambda f: dict(model=f.no_template), r"has no chat template", id="no-chat-template"),
+            pytest.param(
+                lambda f: dict(model=str(f.tmp / "no_model")),
+                r"model '.*no_model': no such folder, and not a Hub id",
+                id="missing-model",
+            ),
+            pytest.param(
+                lambda f: dict(micro_batch_size=3),
+                r"--batch_size 8 must be a multiple of --micro_batch_size × processes = 3 × 1",
+                id="batch-not-a-multiple",
+            ),
+            pytest.param(lambda f: dict(total_episodes=4), r"less than one batch", id="less-than-one-batch"),
+            pytest.param(lambda f: dict(dtype="fp8"), r"--dtype must be", id="unknown-dtype"),
+            pytest.param(
+                lambda f: dict(output_dir=str(f.folder / "earlier")),
+                r"holds a checkpoint of an earlier run: add --resume",
+                id="earlier-run-without-resume",
+            ),
+            # settings that trained the wrong thing, or failed late, are refused before any data is read
+            pytest.param(
+                lambda f: dict(micro_batch_size=-2),
+                r"--micro_batch_size must be >= 1, got -2",
+                id="negative-micro-batch",
+            ),
+            pytest.param(
+                lambda f: dict(micro_batch_size=0), r"--micro_batch_size must be >= 1, got 0", id="zero-micro-batch"
+            ),
+            pytest.param(lambda f: dict(eta=-1.0), r"--eta must be > 0, got -1.0", id="negative-eta"),
+            pytest.param(lambda f: dict(eta=0.0), r"--eta must be > 0, got 0.0", id="zero-eta"),
+            pytest.param(
+                lambda f: dict(temperature=-0.8), r"--temperature must be > 0, got -0.8", id="negative-temperature"
+            ),
+            pytest.param(lambda f: dict(temperature=0), r"--temperature must be > 0, got 0", id="zero-temperature"),
+            pytest.param(
+                lambda f: dict(warmup_ratio=2.0),
+                r"--warmup_ratio must be in \[0, 1\], got 2.0",
+                id="warmup-ratio-over-1",
+            ),
+            pytest.param(lambda f: dict(lr=-1e-3), r"--lr must be > 0, got -0.001", id="negative-lr"),
+            pytest.param(lambda f: dict(beta1=1.5), r"--beta1 must be in \[0, 1\), got 1.5", id="beta1-over-1"),
+            pytest.param(
+                lambda f: dict(eval_micro_batch_size=0),
+                r"--eval_micro_batch_size must be >= 1, got 0",
+                id="zero-eval-micro-batch",
+            ),
+            pytest.param(
+                lambda f: dict(logprob_chunk=-1), r"--logprob_chunk must be >= 1, got -1", id="negative-logprob-chunk"
+            ),
+            pytest.param(
+                lambda f: dict(batch_size="eight"),
+                r"--batch_size must be an integer, got 'eight'",
+                id="batch-size-text",
+            ),
+            pytest.param(
+                lambda f: dict(batch_size=8.0), r"--batch_size must be an integer, got 8.0", id="batch-size-float"
+            ),
+            pytest.param(
+                lambda f: dict(report_to="mlflow"),
+                r"--report_to must be one of none, wandb, tensorboard, got 'mlflow'",
+                id="unknown-tracker",
+            ),
+            # files that gave tracebacks
+            pytest.param(lambda f: dict(dataset=str(f.empty)), r"empty\.jsonl: the file is empty", id="empty-file"),
+            pytest.param(lambda f: dict(dataset=str(f.cut)), r"cut\.jsonl: line 3: not valid JSON", id="cut-file"),
+            pytest.param(
+                lambda f: dict(output_dir=str(f.empty)),
+                r"--output_dir .*empty\.jsonl is a file, not a folder",
+                id="output-dir-is-a-file",
+            ),
+            pytest.param(
+                lambda f: dict(output_dir=str(f.empty / "run")),
+                r"--output_dir .*empty\.jsonl/run: cannot write there",
+                id="output-dir-under-a-file",
+            ),
+            pytest.param(
+                lambda f: dict(model=str(f.no_weights)),
+                r"model folder .*no_weights has no weights",
+                id="model-without-weights",
+            ),
+            pytest.param(
+                lambda f: dict(dataset=f.data("two_ids", [dict(r, chosen_ids=[5], rejected_ids=[6]) for r in f.good])),
+                r"two_ids\.parquet\[train\]: has chosen_ids, rejected_ids but not all of prompt_ids",
+                id="partial-id-columns",
+            ),
+            pytest.param(
+                lambda f: dict(
+                    dataset=write_jsonl(
+                        f.tmp / "mixed.jsonl",
+                        [
+                            dict(r, prompt=[{"role": "user", "content": "hi"}]) if i == 1 else r
+                            for i, r in enumerate(f.good)
+                        ],
+                    )
+                ),
+                r"column 'prompt' mixes strings and lists",
+                id="mixed-prompt-column",
+            ),
+            pytest.param(
+                lambda f: dict(dataset="runs/no_such_pairs.jsonl"),
+                r"runs/no_such_pairs\.jsonl: no such file",
+                id="missing-relative-file",
+            ),
+            # a mistyped data path is said before any model or tokenizer is looked for (a Hub id would be fetched first)
+            pytest.param(
+                lambda f: dict(dataset="runs/no_such_pairs.jsonl", model="no-such-owner/no-such-model"),
+                r"runs/no_such_pairs\.jsonl: no such file",
+                id="missing-file-before-hub-model",
+            ),
+            pytest.param(
+                lambda f: dict(model=str(f.tmp / "no" / "model")),
+                r"model '.*no/model': no such folder, and not a Hub id",
+                id="missing-nested-model",
+            ),
+            pytest.param(
+                lambda f: dict(
+                    dataset=write_jsonl(f.tmp / "both.jsonl", [dict(r, reject=r["chosen"]) for r in f.good])
+                ),
+                r"both\.jsonl\[train\]: has both columns 'rejected' and 'reject', which mean the same: keep one",
+                id="rejected-and-reject-columns",
+            ),
+            pytest.param(
+                lambda f: dict(output_dir=f.model),
+                r"--model .* is inside --output_dir .*, where this run writes final/",
+                id="model-inside-output-dir",
+            ),
+            pytest.param(lambda f: dict(adam_eps=0.0), r"--adam_eps must be > 0, got 0.0", id="zero-adam-eps"),
+            pytest.param(
+                lambda f: dict(eta=float("inf")), r"--eta must be a finite number, got inf", id="infinite-eta"
+            ),
+            pytest.param(lambda f: dict(lr=float("nan")), r"--lr must be a finite number, got nan", id="nan-lr"),
+        ],
+    )
+    def test_bad_input_fails_clearly_before_loading_the_model(
+        self, case, message, bad_input_files, tiny_model, tmp_path, monkeypatch
+    ):
         def no_model(*args, **kwargs):
             raise AssertionError("the model was loaded before the input was checked")
         monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
@@ -1048,13 +1480,23 @@ class TestInputs:
                                 data=lambda name, rows: write_parquet(tmp_path / f"{name}.parquet", rows))
         settings = {"dataset": str(bad_input_files.folder / "good.jsonl"), **case(files)}
         with pytest.raises(SystemExit, match=message):
-            train(settings.pop("model", tiny_model), settings.pop("dataset"), settings.pop("output_dir", tmp_path / "run"),
-                  **settings)
+            train(
+                settings.pop("model", tiny_model),
+                settings.pop("dataset"),
+                settings.pop("output_dir", tmp_path / "run"),
+                **settings,
+            )
 
     def test_bad_rows_are_dropped_and_counted_and_the_run_goes_on(self, tiny_model, tmp_path, capsys):
         rows = bad_prompt_rows(tmp_path / "p.jsonl")
-        out = train(tiny_model, write_jsonl(tmp_path / "p.jsonl", rows), tmp_path / "run", total_episodes=8, eval_size=0,
-                    save_final=False)
+        out = train(
+            tiny_model,
+            write_jsonl(tmp_path / "p.jsonl", rows),
+            tmp_path / "run",
+            total_episodes=8,
+            eval_size=0,
+            save_final=False,
+        )
         printed = capsys.readouterr().out
         assert "warning: the pairs were sampled at temperature 1.0, but the log-probs use --temperature 0.8" in printed
         assert "dropped 4 of 24 rows" in printed and all(f"(first: row {i})" in printed for i in (3, 5, 7, 9))
@@ -1064,45 +1506,82 @@ class TestInputs:
 
     def test_boolean_token_ids_are_a_bad_row(self):
         with pytest.raises(rebel.BadRow, match="must be non-empty lists of integers"):  # JSON true is not token 1
-            rebel.sampled_ids({"prompt": "hi", "prompt_ids": [True, 5], "chosen_ids": [5], "rejected_ids": [6]}, ["", ""],
-                              None, 100)
+            rebel.sampled_ids(
+                {"prompt": "hi", "prompt_ids": [True, 5], "chosen_ids": [5], "rejected_ids": [6]}, ["", ""], None, 100
+            )
 
     def test_generate_drops_and_counts_bad_prompts(self, tiny_model, tmp_path, capsys):
-        # generate.py: the same prompts as rebel.py drops are skipped and counted, and so are prompts over --max_prompt_len
+        # generate.py: the same prompts as rebel.py drops are skipped and counted, and so are prompts over
+        # --max_prompt_len
         rows = bad_prompt_rows(tmp_path / "p.jsonl")
         prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows[:10]]
                               + [{"prompt": [{"role": "user", "content": " ".join(WORDS * 3)}]}])
         kept = read_jsonl(gen(tiny_model, prompts, tmp_path / "gen.jsonl", max_prompt_len=64))
         printed = capsys.readouterr().out
-        assert "dropped 5 of 11 rows" in printed and "1 × longer than --max_prompt_len 64 tokens (first: row 10)" in printed
+        assert (
+            "dropped 5 of 11 rows" in printed
+            and "1 × longer than --max_prompt_len 64 tokens (first: row 10)" in printed
+        )
         assert [r["prompt_id"] for r in kept] == [0, 1, 2, 4, 6, 8]
 
-    @pytest.mark.parametrize("case, message", [
-        pytest.param(lambda f: train(f.truncated, f.pairs, f.tmp / "run", total_episodes=8, eval_size=0),
-                     r"could not load the model .*truncated.*: SafetensorError", id="cut-weights-rebel"),
-        pytest.param(lambda f: gen(f.truncated, f.prompts, f.tmp / "gen.jsonl"),
-                     r"could not load the model .*truncated.*: SafetensorError", id="cut-weights-generate"),
-        pytest.param(lambda f: run_eval(f.truncated, f.questions, f.tmp / "eval"),
-                     r"could not load the model .*truncated.*: SafetensorError", id="cut-weights-gsm8k"),
-        pytest.param(lambda f: run_eval(f.model, f.questions, f.a_file), r"--output .*a_file is a file, not a folder",
-                     id="gsm8k-output-is-a-file"),
-        pytest.param(lambda f: gen(f.broken, f.prompts, f.tmp / "gen2.jsonl"), r"generation_config\.json cannot be read",
-                     id="unreadable-generation-config"),
-        pytest.param(lambda f: run_score(f.generations, f.tmp / "s.jsonl", reward_fn=f"{f.folder / 'syntax.py'}:f"),
-                     r"--reward_fn .*syntax\.py:f: .*syntax\.py could not be imported: SyntaxError",
-                     id="reward-fn-syntax-error"),
-        # --test_size replaces the folder: never a file or a folder score.py did not write
-        pytest.param(lambda f: run_score(f.generations, f.a_file, reward_fn=f"{f.folder / 'rewards.py'}:length",
-                                         test_size=1),
-                     r"exists and is not a datasets folder that score\.py wrote", id="test-size-output-is-a-file"),
-        pytest.param(lambda f: run_score(f.generations, f.folder, reward_fn=f"{f.folder / 'rewards.py'}:length",
-                                         test_size=1),
-                     r"exists and is not a datasets folder that score\.py wrote", id="test-size-output-is-another-folder"),
-        pytest.param(lambda f: rebel.Config(seed=10 ** 21), r"--seed must be in \[0, 4294967296\), got 1000000000000000000000",
-                     id="seed-out-of-range"),
-    ])
+    @pytest.mark.parametrize(
+        "case, message",
+        [
+            pytest.param(
+                lambda f: train(f.truncated, f.pairs, f.tmp / "run", total_episodes=8, eval_size=0),
+                r"could not load the model .*truncated.*: SafetensorError",
+                id="cut-weights-rebel",
+            ),
+            pytest.param(
+                lambda f: gen(f.truncated, f.prompts, f.tmp / "gen.jsonl"),
+                r"could not load the model .*truncated.*: SafetensorError",
+                id="cut-weights-generate",
+            ),
+            pytest.param(
+                lambda f: run_eval(f.truncated, f.questions, f.tmp / "eval"),
+                r"could not load the model .*truncated.*: SafetensorError",
+                id="cut-weights-gsm8k",
+            ),
+            pytest.param(
+                lambda f: run_eval(f.model, f.questions, f.a_file),
+                r"--output .*a_file is a file, not a folder",
+                id="gsm8k-output-is-a-file",
+            ),
+            pytest.param(
+                lambda f: gen(f.broken, f.prompts, f.tmp / "gen2.jsonl"),
+                r"generation_config\.json cannot be read",
+                id="unreadable-generation-config",
+            ),
+            pytest.param(
+                lambda f: run_score(f.generations, f.tmp / "s.jsonl", reward_fn=f"{f.folder / 'syntax.py'}:f"),
+                r"--reward_fn .*syntax\.py:f: .*syntax\.py could not be imported: SyntaxError",
+                id="reward-fn-syntax-error",
+            ),
+            # --test_size replaces the folder: never a file or a folder score.py did not write
+            pytest.param(
+                lambda f: run_score(
+                    f.generations, f.a_file, reward_fn=f"{f.folder / 'rewards.py'}:length", test_size=1
+                ),
+                r"exists and is not a datasets folder that score\.py wrote",
+                id="test-size-output-is-a-file",
+            ),
+            pytest.param(
+                lambda f: run_score(
+                    f.generations, f.folder, reward_fn=f"{f.folder / 'rewards.py'}:length", test_size=1
+                ),
+                r"exists and is not a datasets folder that score\.py wrote",
+                id="test-size-output-is-another-folder",
+            ),
+            pytest.param(
+                lambda f: rebel.Config(seed=10**21),
+                r"--seed must be in \[0, 4294967296\), got 1000000000000000000000",
+                id="seed-out-of-range",
+            ),
+        ],
+    )
     def test_broken_files_and_paths_fail_in_one_line(self, case, message, broken_files, tiny_model, tmp_path):
-        """What a new user broke by hand (each gave a traceback, or worse, before): one line each, before the long work."""
+        """What a new user broke by hand (each gave a traceback, or worse, before): one line each, before the long
+        work."""
         with pytest.raises(SystemExit, match=message):
             case(SimpleNamespace(**vars(broken_files), tmp=tmp_path, model=tiny_model))
         assert broken_files.a_file.read_text() == "mine\n"
@@ -1122,11 +1601,20 @@ class TestCLI:
             raise KeyboardInterrupt
         with pytest.raises(SystemExit) as stop:
             rebel.run_script(interrupted, rebel.Config, "continue with the same command and --resume", argv=[])
-        assert stop.value.code == 130 and capsys.readouterr().out == "\ninterrupted: continue with the same command and --resume\n"
+        assert (
+            stop.value.code == 130
+            and capsys.readouterr().out == "\ninterrupted: continue with the same command and --resume\n"
+        )
 
     def test_help_documents_every_flag(self, capsys):
         """Every script's --help lists each flag with its one-line doc (rebel.py's as a real command line)."""
-        helps = {rebel: subprocess.run([sys.executable, "rebel.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout}
+        helps = {
+            rebel: (
+                subprocess.run(
+                    [sys.executable, "rebel.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True
+                ).stdout
+            )
+        }
         for module in (generate, score, eval_gsm8k):
             with pytest.raises(SystemExit) as done:
                 rebel.parse_config(module.Config, ["--help"])
@@ -1136,7 +1624,10 @@ class TestCLI:
             assert out.startswith("usage:")
             for field in rebel.dataclasses.fields(module.Config):
                 assert f"--{field.name}" in out and field.metadata["help"].split()[0] in out
-        cfg = rebel.parse_config(score.Config, ["--drop_truncated", "false", "--test_size", "3", "--reward_fn", "f.py:g", "--output", "pairs"])
+        cfg = rebel.parse_config(
+            score.Config,
+            ["--drop_truncated", "false", "--test_size", "3", "--reward_fn", "f.py:g", "--output", "pairs"],
+        )
         assert (cfg.drop_truncated, cfg.test_size, cfg.reward_fn) == (False, 3, "f.py:g")
 
     def test_an_unknown_flag_is_a_usage_error(self, capsys):
@@ -1153,8 +1644,11 @@ class TestGenerate:
         end, eot = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
         stop_ids = generate.stop_token_ids(tokenizer, tiny_model, rebel.load_model_config(tiny_model))
         assert stop_ids == sorted([end, eot])
-        assert generate.cut_at_stop([7, 8, eot, eot, eot], set(stop_ids)) == ([7, 8, eot], False)   # padding after the stop
-        assert generate.cut_at_stop([7, end, 9, eot], set(stop_ids)) == ([7, end], False)            # the first of either stop
+        assert generate.cut_at_stop([7, 8, eot, eot, eot], set(stop_ids)) == (
+            [7, 8, eot],
+            False,
+        )  # padding after the stop
+        assert generate.cut_at_stop([7, end, 9, eot], set(stop_ids)) == ([7, end], False)  # the first of either stop
         assert generate.cut_at_stop([eot, 7], set(stop_ids)) == ([eot], False)
         assert generate.cut_at_stop([7, 8, 9], set(stop_ids)) == ([7, 8, 9], True)
 
@@ -1179,11 +1673,23 @@ class TestGenerate:
     def test_generate_samples_without_top_k(self, tiny_model, tmp_path):
         # transformers' default top_k=50 would allow at most 50 distinct first tokens for one prompt
         prompts = write_prompts(tmp_path / "one.jsonl", n=1)
-        row, = read_jsonl(gen(tiny_model, prompts, tmp_path / "gen.jsonl", num_samples=150, max_new_tokens=1, temperature=1.0, top_p=1.0))
+        (row,) = read_jsonl(
+            gen(
+                tiny_model,
+                prompts,
+                tmp_path / "gen.jsonl",
+                num_samples=150,
+                max_new_tokens=1,
+                temperature=1.0,
+                top_p=1.0,
+            )
+        )
         assert len(set(row["responses"])) > 60
 
     def test_generate_is_seeded_and_independent_of_the_number_of_processes(self, tiny_model, tmp_path):
-        prompts = write_prompts(tmp_path / "prompts.jsonl", n=9, ids=True)  # 5 blocks of 2: 3 on one process, 2 on the other
+        prompts = write_prompts(
+            tmp_path / "prompts.jsonl", n=9, ids=True
+        )  # 5 blocks of 2: 3 on one process, 2 on the other
         one = read_jsonl(gen(tiny_model, prompts, tmp_path / "one.jsonl"))
         again = read_jsonl(gen(tiny_model, prompts, tmp_path / "again.jsonl"))
         other_seed = read_jsonl(gen(tiny_model, prompts, tmp_path / "seed1.jsonl", seed=1))
@@ -1204,14 +1710,18 @@ class TestGenerate:
         with open(os.path.join(shards, "block_000003.jsonl.tmp999"), "w") as f:
             f.write('{"index": 0, "respo')
         first = read_jsonl(os.path.join(shards, "block_000000.jsonl"))[:-1]  # the last line is the rows' checksum
-        rebel.atomic_write(os.path.join(shards, "block_000000.jsonl"), generate.block_text([{**r, "responses": ["SAVED"] * 3} for r in first]))
+        rebel.atomic_write(
+            os.path.join(shards, "block_000000.jsonl"),
+            generate.block_text([{**r, "responses": ["SAVED"] * 3} for r in first]),
+        )
         capsys.readouterr()
         resumed = read_jsonl(gen(tiny_model, prompts, out))
         assert "3 of 5 blocks already saved" in capsys.readouterr().out
         saved = {r["index"] for r in first}
         assert [r["responses"] == ["SAVED"] * 3 for r in resumed] == [i in saved for i in range(9)]
         assert [r for i, r in enumerate(resumed) if i not in saved] == [r for i, r in enumerate(full) if i not in saved]
-        # damaged blocks (a bad disk or copy, never a kill: writes are atomic) are named and sampled again, never merged short
+        # damaged blocks (a bad disk or copy, never a kill: writes are atomic) are named and sampled again, never
+        # merged short
         os.remove(out)
         lines = open(os.path.join(shards, "block_000001.jsonl")).readlines()
         open(os.path.join(shards, "block_000001.jsonl"), "w").writelines(lines[:1])
@@ -1220,41 +1730,80 @@ class TestGenerate:
         capsys.readouterr()
         assert read_jsonl(gen(tiny_model, prompts, out)) == resumed
         printed = capsys.readouterr().out
-        assert all(f"block_00000{b}.jsonl is damaged" in printed for b in (1, 2, 3)) and "2 of 5 blocks already saved" in printed
-        with pytest.raises(SystemExit, match=r"part\.jsonl\.shards holds blocks made with other settings \(temperature 0\.8 -> 1\.5\)"):
+        assert (
+            all(f"block_00000{b}.jsonl is damaged" in printed for b in (1, 2, 3))
+            and "2 of 5 blocks already saved" in printed
+        )
+        with pytest.raises(
+            SystemExit, match=r"part\.jsonl\.shards holds blocks made with other settings \(temperature 0\.8 -> 1\.5\)"
+        ):
             gen(tiny_model, prompts, out, temperature=1.5)
         write_prompts(tmp_path / "prompts.jsonl", n=9, seed=1)  # other prompts under the same file name
         with pytest.raises(SystemExit, match=r"other settings \(prompts_sha256"):
             gen(tiny_model, prompts, out)
 
-    @pytest.mark.parametrize("case, message", [
-        pytest.param(lambda f: dict(prompts=str(f.tmp / "missing.jsonl")), r"missing\.jsonl.*no such file",
-                     id="missing-prompts"),
-        pytest.param(lambda f: dict(prompt_column="question"), r"prompts\.jsonl: missing column 'question' \(columns: prompt\)",
-                     id="missing-column"),
-        pytest.param(lambda f: dict(split="test"), r"has no split 'test'", id="missing-split"),
-        pytest.param(lambda f: dict(output=str(f.tmp / "gen.csv")), r"expected a \.jsonl or \.parquet file",
-                     id="output-not-jsonl-or-parquet"),
-        pytest.param(lambda f: dict(output=f.prompts), r"--output .* is the --prompts file: it would be replaced",
-                     id="output-is-the-prompts"),
-        pytest.param(lambda f: dict(output=os.path.join(f.model, "gen.jsonl")), r"--output .*gen\.jsonl is in the model folder",
-                     id="output-in-the-model-folder"),
-        pytest.param(lambda f: dict(engine="vllm"), r"vLLM is not installed \(pip install vllm\)", id="vllm-not-installed"),
-        pytest.param(lambda f: dict(engine="tgi"), r"--engine must be one of hf, vllm, got .tgi.", id="unknown-engine"),
-        pytest.param(lambda f: dict(num_samples=0), r"--num_samples must be >= 1, got 0", id="zero-samples"),
-        pytest.param(lambda f: dict(top_p=0.0), r"--top_p must be in \(0, 1\], got 0.0", id="zero-top-p"),
-        pytest.param(lambda f: dict(temperature=0.0), r"--temperature must be > 0, got 0.0", id="zero-temperature"),
-        pytest.param(lambda f: dict(max_prompt_len=0), r"--max_prompt_len must be >= 1, got 0", id="zero-max-prompt-len"),
-        pytest.param(lambda f: dict(prompts=write_jsonl(f.tmp / "empty.jsonl", [])), r"empty\.jsonl: the file is empty",
-                     id="empty-prompts"),
-        pytest.param(lambda f: dict(output=str(f.folder / "folder.jsonl")),
-                     r"--output .*folder\.jsonl is a folder, expected a file", id="output-is-a-folder"),
-        pytest.param(lambda f: dict(model=str(f.no_weights)), r"model folder .*no_weights has no weights",
-                     id="model-without-weights"),
-        pytest.param(lambda f: dict(dtype="fp8"), r"--dtype must be", id="unknown-dtype"),
-    ])
-    def test_generate_bad_input_fails_before_loading_the_model(self, case, message, generate_bad_input_files, tiny_model,
-                                                               tmp_path, monkeypatch):
+    @pytest.mark.parametrize(
+        "case, message",
+        [
+            pytest.param(
+                lambda f: dict(prompts=str(f.tmp / "missing.jsonl")),
+                r"missing\.jsonl.*no such file",
+                id="missing-prompts",
+            ),
+            pytest.param(
+                lambda f: dict(prompt_column="question"),
+                r"prompts\.jsonl: missing column 'question' \(columns: prompt\)",
+                id="missing-column",
+            ),
+            pytest.param(lambda f: dict(split="test"), r"has no split 'test'", id="missing-split"),
+            pytest.param(
+                lambda f: dict(output=str(f.tmp / "gen.csv")),
+                r"expected a \.jsonl or \.parquet file",
+                id="output-not-jsonl-or-parquet",
+            ),
+            pytest.param(
+                lambda f: dict(output=f.prompts),
+                r"--output .* is the --prompts file: it would be replaced",
+                id="output-is-the-prompts",
+            ),
+            pytest.param(
+                lambda f: dict(output=os.path.join(f.model, "gen.jsonl")),
+                r"--output .*gen\.jsonl is in the model folder",
+                id="output-in-the-model-folder",
+            ),
+            pytest.param(
+                lambda f: dict(engine="vllm"), r"vLLM is not installed \(pip install vllm\)", id="vllm-not-installed"
+            ),
+            pytest.param(
+                lambda f: dict(engine="tgi"), r"--engine must be one of hf, vllm, got .tgi.", id="unknown-engine"
+            ),
+            pytest.param(lambda f: dict(num_samples=0), r"--num_samples must be >= 1, got 0", id="zero-samples"),
+            pytest.param(lambda f: dict(top_p=0.0), r"--top_p must be in \(0, 1\], got 0.0", id="zero-top-p"),
+            pytest.param(lambda f: dict(temperature=0.0), r"--temperature must be > 0, got 0.0", id="zero-temperature"),
+            pytest.param(
+                lambda f: dict(max_prompt_len=0), r"--max_prompt_len must be >= 1, got 0", id="zero-max-prompt-len"
+            ),
+            pytest.param(
+                lambda f: dict(prompts=write_jsonl(f.tmp / "empty.jsonl", [])),
+                r"empty\.jsonl: the file is empty",
+                id="empty-prompts",
+            ),
+            pytest.param(
+                lambda f: dict(output=str(f.folder / "folder.jsonl")),
+                r"--output .*folder\.jsonl is a folder, expected a file",
+                id="output-is-a-folder",
+            ),
+            pytest.param(
+                lambda f: dict(model=str(f.no_weights)),
+                r"model folder .*no_weights has no weights",
+                id="model-without-weights",
+            ),
+            pytest.param(lambda f: dict(dtype="fp8"), r"--dtype must be", id="unknown-dtype"),
+        ],
+    )
+    def test_generate_bad_input_fails_before_loading_the_model(
+        self, case, message, generate_bad_input_files, tiny_model, tmp_path, monkeypatch
+    ):
         def no_model(*args, **kwargs):
             raise AssertionError("the model was loaded before the input was checked")
         monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
@@ -1271,21 +1820,41 @@ class TestScore:
 
     def test_select_pair_and_reward_of(self):
         responses = ["a", "b", "c", "d", "e"]
-        assert score.select_pair([0.1, 0.9, 0.5, 0.9, 0.1], responses, [False] * 5, True) == (1, 0, None)  # first of equals
-        assert score.select_pair([0.1, 0.9, 0.5, 0.2, 0.0], responses, [False, False, True, False, False], True)[2] == "a response hit the token limit"
-        assert score.select_pair([0.1, 0.9, 0.5, 0.2, 0.0], responses, [False, False, True, False, False], False) == (1, 4, None)
+        assert score.select_pair([0.1, 0.9, 0.5, 0.9, 0.1], responses, [False] * 5, True) == (
+            1,
+            0,
+            None,
+        )  # first of equals
+        assert (
+            score.select_pair([0.1, 0.9, 0.5, 0.2, 0.0], responses, [False, False, True, False, False], True)[2]
+            == "a response hit the token limit"
+        )
+        assert score.select_pair([0.1, 0.9, 0.5, 0.2, 0.0], responses, [False, False, True, False, False], False) == (
+            1,
+            4,
+            None,
+        )
         assert score.select_pair([0.3] * 5, responses, [False] * 5, True)[2] == "all rewards equal"
-        assert score.select_pair([0.9, 0.5, 0.1], ["same", "b", "same"], [False] * 3, True)[2] == "chosen and rejected are the same text"
+        assert (
+            score.select_pair([0.9, 0.5, 0.1], ["same", "b", "same"], [False] * 3, True)[2]
+            == "chosen and rejected are the same text"
+        )
         armo = SimpleNamespace(score=torch.tensor([1.5, -2.0]), logits=torch.tensor([1.5, -2.0]))
         ordinary = SimpleNamespace(logits=torch.tensor([[0.5], [0.25]]))
         assert score.reward_of(armo, 2).tolist() == [1.5, -2.0] and score.reward_of(ordinary, 2).tolist() == [0.5, 0.25]
-        for output in (SimpleNamespace(logits=torch.zeros(2, 2)), SimpleNamespace(score=torch.zeros(2, 19)), SimpleNamespace(hidden=1)):
+        for output in (
+            SimpleNamespace(logits=torch.zeros(2, 2)),
+            SimpleNamespace(score=torch.zeros(2, 19)),
+            SimpleNamespace(hidden=1),
+        ):
             with pytest.raises(SystemExit, match="neither `score` nor one logit per sequence"):
                 score.reward_of(output, 2)
 
     def test_score_with_a_reward_model_matches_scoring_one_at_a_time(self, reward_model, tmp_path, capsys):
         rows = generations(7, long_every=4)
-        rows[2]["responses"][1] += " <|end_of_text|> and"  # the pad token inside: transformers' classes read the last non-pad token
+        rows[2]["responses"][
+            1
+        ] += " <|end_of_text|> and"  # the pad token inside: transformers' classes read the last non-pad token
         data = write_jsonl(tmp_path / "gen.jsonl", rows)
         out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=reward_model, max_length=48))
         # the reference: each (prompt, response) alone, no padding, through the same chat template and cut
@@ -1295,14 +1864,23 @@ class TestScore:
         for row in rows:
             rewards = []
             for response in row["responses"]:
-                text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": response}], tokenize=False)
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": response}],
+                    tokenize=False,
+                )
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 cut += len(ids) > 48
                 with torch.no_grad():
                     rewards.append(model(torch.tensor([ids[:48]])).logits[0, 0].item())
             expected.append(rewards)
-        assert cut >= 3 and f"{cut} of 21 reward-model inputs were cut to max_length=48 tokens" in capsys.readouterr().out
-        assert len(out) == 7 and [r["prompt_id"] for r in out] == list(range(7)) and [r["source"] for r in out] == [f"s{i}" for i in range(7)]
+        assert (
+            cut >= 3 and f"{cut} of 21 reward-model inputs were cut to max_length=48 tokens" in capsys.readouterr().out
+        )
+        assert (
+            len(out) == 7
+            and [r["prompt_id"] for r in out] == list(range(7))
+            and [r["source"] for r in out] == [f"s{i}" for i in range(7)]
+        )
         for row, rewards in zip(out, expected):
             assert row["rewards"] == pytest.approx(rewards, abs=1e-5)
             best, worst = max(range(3), key=lambda j: rewards[j]), min(range(3), key=lambda j: rewards[j])
@@ -1314,14 +1892,20 @@ class TestScore:
         fn.write_text(REWARD_FN)
         calls = tmp_path / "calls"
         monkeypatch.setenv("CALLS_FILE", str(calls))
-        rows = [dict(prompt=f"p{i}", responses=["x" * (1 + i % 3), "x" * (2 + i % 4), "y" * i], truncated=[False] * 3) for i in range(12)]
+        rows = [
+            dict(prompt=f"p{i}", responses=["x" * (1 + i % 3), "x" * (2 + i % 4), "y" * i], truncated=[False] * 3)
+            for i in range(12)
+        ]
         rows[1]["responses"] = ["a", "b", "c"]                           # all rewards 0: a tie
         rows[4]["truncated"] = [False, True, False]                       # dropped unless --drop_truncated false
         data = write_jsonl(tmp_path / "gen.jsonl", rows)
         capsys.readouterr()
         out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_fn=f"{fn}:count_x"))
         printed = capsys.readouterr().out
-        assert "dropped 2 of 12 prompts | 1 a response hit the token limit | 1 all rewards equal | 10 pairs kept" in printed
+        assert (
+            "dropped 2 of 12 prompts | 1 a response hit the token limit | 1 all rewards equal | 10 pairs kept"
+            in printed
+        )
         assert "mean gap chosen − rejected" in printed
         assert [r["prompt"] for r in out] == [f"p{i}" for i in range(12) if i not in (1, 4)]
         for r in out:
@@ -1341,49 +1925,120 @@ class TestScore:
 
         # a seeded train/test split in one folder, with the split names rebel.py reads by default
         folder = run_score(data, tmp_path / "split", reward_fn=f"{fn}:count_x", test_size=3, seed=5)
-        train, test = rebel.load_split(folder, "train_prefs").to_list(), rebel.load_split(folder, "test_prefs").to_list()
+        train, test = (
+            rebel.load_split(folder, "train_prefs").to_list(),
+            rebel.load_split(folder, "test_prefs").to_list(),
+        )
         assert len(train) == 7 and len(test) == 3
         assert sorted(r["prompt"] for r in train + test) == sorted(r["prompt"] for r in out)
         other = run_score(data, tmp_path / "split2", reward_fn=f"{fn}:count_x", test_size=3, seed=6)
         assert rebel.load_split(other, "test_prefs").to_list() != test
 
-    @pytest.mark.parametrize("case, message", [
-        pytest.param(lambda f: dict(input=f.data("no_responses", [{"prompt": r["prompt"]} for r in f.good])),
-                     r"no_responses\.jsonl: missing column 'responses'", id="missing-responses"),
-        pytest.param(lambda f: dict(input=f.data("no_truncated", [{k: v for k, v in r.items() if k != "truncated"}
-                                                                  for r in f.good])),
-                     r"missing column 'truncated'.*--drop_truncated false", id="missing-truncated"),
-        pytest.param(lambda f: dict(input=f.data("empty", [{**r, "responses": [], "truncated": []} if i == 2 else r
-                                                           for i, r in enumerate(f.good)])),
-                     r"empty\.jsonl row 2: 'responses' must be a non-empty list of strings", id="empty-responses"),
-        pytest.param(lambda f: dict(input=f.data("unequal", [{**r, "responses": ["a", "b"], "truncated": [False] * 2}
-                                                             if i == 3 else r for i, r in enumerate(f.good)])),
-                     r"unequal\.jsonl row 3: 2 responses where row 0 has 3", id="unequal-responses"),
-        pytest.param(lambda f: dict(input=f.data("one", [{**r, "responses": ["a"], "truncated": [False]} for r in f.good])),
-                     r"1 response per prompt; a pair needs at least 2", id="one-response"),
-        pytest.param(lambda f: dict(input=f.data("text_flags", [{**r, "truncated": ["no"] * 3} for r in f.good])),
-                     r"text_flags\.jsonl row 0: 'truncated' must be a list of 3 booleans", id="text-truncated-flags"),
-        pytest.param(lambda f: dict(input=f.data("bad_role", [
-            {**r, "prompt": [{"role": "human" if i == 1 else "user", "content": "hi"}]} for i, r in enumerate(f.good)])),
-            r"bad_role\.jsonl row 1: each message must be", id="bad-role"),
-        pytest.param(lambda f: dict(input=write_jsonl(f.tmp / "no_rows.jsonl", [])), r"no_rows\.jsonl: the file is empty",
-                     id="empty-file"),
-        pytest.param(lambda f: dict(batch_size=0), r"--batch_size must be >= 1, got 0", id="zero-batch-size"),
-        pytest.param(lambda f: dict(reward_fn=f"{f.fn}:fails_on_row_1"), r"raised on row 1, response 0: ZeroDivisionError",
-                     id="reward-fn-raises"),
-        pytest.param(lambda f: dict(reward_fn=f"{f.fn}:nan_on_row_2"),
-                     r"on row 2, response 1: the reward must be a finite number, got nan", id="reward-fn-nan"),
-        pytest.param(lambda f: dict(reward_fn=f"{f.tmp}/nowhere.py:f"), r"no file .*nowhere\.py", id="reward-fn-missing-file"),
-        pytest.param(lambda f: dict(reward_fn=f"{f.fn}:missing"), r"rewards\.py has no function 'missing'",
-                     id="reward-fn-missing-function"),
-        pytest.param(lambda f: dict(reward_fn=str(f.fn)), r"--reward_fn must be path/to/file\.py:function_name",
-                     id="reward-fn-without-function"),
-        pytest.param(lambda f: dict(test_size=2), r"--test_size writes a datasets folder", id="test-size-to-a-file"),
-        pytest.param(lambda f: dict(output=str(f.tmp / "pairs.csv")), r"expected a \.jsonl or \.parquet file",
-                     id="output-not-jsonl-or-parquet"),
-        pytest.param(lambda f: dict(input=f.data("same", f.good), output=str(f.tmp / "same.jsonl")),
-                     r"--output .*same\.jsonl is the --input file", id="output-is-the-input"),
-    ])
+    @pytest.mark.parametrize(
+        "case, message",
+        [
+            pytest.param(
+                lambda f: dict(input=f.data("no_responses", [{"prompt": r["prompt"]} for r in f.good])),
+                r"no_responses\.jsonl: missing column 'responses'",
+                id="missing-responses",
+            ),
+            pytest.param(
+                lambda f: dict(
+                    input=f.data("no_truncated", [{k: v for k, v in r.items() if k != "truncated"} for r in f.good])
+                ),
+                r"missing column 'truncated'.*--drop_truncated false",
+                id="missing-truncated",
+            ),
+            pytest.param(
+                lambda f: dict(
+                    input=f.data(
+                        "empty",
+                        [{**r, "responses": [], "truncated": []} if i == 2 else r for i, r in enumerate(f.good)],
+                    )
+                ),
+                r"empty\.jsonl row 2: 'responses' must be a non-empty list of strings",
+                id="empty-responses",
+            ),
+            pytest.param(
+                lambda f: dict(
+                    input=f.data(
+                        "unequal",
+                        [
+                            {**r, "responses": ["a", "b"], "truncated": [False] * 2} if i == 3 else r
+                            for i, r in enumerate(f.good)
+                        ],
+                    )
+                ),
+                r"unequal\.jsonl row 3: 2 responses where row 0 has 3",
+                id="unequal-responses",
+            ),
+            pytest.param(
+                lambda f: dict(input=f.data("one", [{**r, "responses": ["a"], "truncated": [False]} for r in f.good])),
+                r"1 response per prompt; a pair needs at least 2",
+                id="one-response",
+            ),
+            pytest.param(
+                lambda f: dict(input=f.data("text_flags", [{**r, "truncated": ["no"] * 3} for r in f.good])),
+                r"text_flags\.jsonl row 0: 'truncated' must be a list of 3 booleans",
+                id="text-truncated-flags",
+            ),
+            pytest.param(
+                lambda f: dict(
+                    input=f.data(
+                        "bad_role",
+                        [
+                            {**r, "prompt": [{"role": "human" if i == 1 else "user", "content": "hi"}]}
+                            for i, r in enumerate(f.good)
+                        ],
+                    )
+                ),
+                r"bad_role\.jsonl row 1: each message must be",
+                id="bad-role",
+            ),
+            pytest.param(
+                lambda f: dict(input=write_jsonl(f.tmp / "no_rows.jsonl", [])),
+                r"no_rows\.jsonl: the file is empty",
+                id="empty-file",
+            ),
+            pytest.param(lambda f: dict(batch_size=0), r"--batch_size must be >= 1, got 0", id="zero-batch-size"),
+            pytest.param(
+                lambda f: dict(reward_fn=f"{f.fn}:fails_on_row_1"),
+                r"raised on row 1, response 0: ZeroDivisionError",
+                id="reward-fn-raises",
+            ),
+            pytest.param(
+                lambda f: dict(reward_fn=f"{f.fn}:nan_on_row_2"),
+                r"on row 2, response 1: the reward must be a finite number, got nan",
+                id="reward-fn-nan",
+            ),
+            pytest.param(
+                lambda f: dict(reward_fn=f"{f.tmp}/nowhere.py:f"), r"no file .*nowhere\.py", id="reward-fn-missing-file"
+            ),
+            pytest.param(
+                lambda f: dict(reward_fn=f"{f.fn}:missing"),
+                r"rewards\.py has no function 'missing'",
+                id="reward-fn-missing-function",
+            ),
+            pytest.param(
+                lambda f: dict(reward_fn=str(f.fn)),
+                r"--reward_fn must be path/to/file\.py:function_name",
+                id="reward-fn-without-function",
+            ),
+            pytest.param(
+                lambda f: dict(test_size=2), r"--test_size writes a datasets folder", id="test-size-to-a-file"
+            ),
+            pytest.param(
+                lambda f: dict(output=str(f.tmp / "pairs.csv")),
+                r"expected a \.jsonl or \.parquet file",
+                id="output-not-jsonl-or-parquet",
+            ),
+            pytest.param(
+                lambda f: dict(input=f.data("same", f.good), output=str(f.tmp / "same.jsonl")),
+                r"--output .*same\.jsonl is the --input file",
+                id="output-is-the-input",
+            ),
+        ],
+    )
     def test_score_bad_input_names_the_row(self, case, message, reward_model, tmp_path, monkeypatch):
         def no_model(*args, **kwargs):
             raise AssertionError("the reward model was loaded before the input was checked")
@@ -1403,9 +2058,21 @@ class TestScore:
     def test_score_two_processes_equal_one(self, reward_model, tmp_path):
         data = write_jsonl(tmp_path / "gen.jsonl", generations(7, long_every=5))
         one = read_jsonl(run_score(data, tmp_path / "one.jsonl", reward_model=reward_model, max_length=48))
-        torchrun("score.py", dict(input=data, output=tmp_path / "two.jsonl", reward_model=reward_model, max_length=48, batch_size=4, block_size=3))
+        torchrun(
+            "score.py",
+            dict(
+                input=data,
+                output=tmp_path / "two.jsonl",
+                reward_model=reward_model,
+                max_length=48,
+                batch_size=4,
+                block_size=3,
+            ),
+        )
         two = read_jsonl(str(tmp_path / "two.jsonl"))
-        assert [{k: v for k, v in r.items() if "reward" not in k} for r in two] == [{k: v for k, v in r.items() if "reward" not in k} for r in one]
+        assert [{k: v for k, v in r.items() if "reward" not in k} for r in two] == [
+            {k: v for k, v in r.items() if "reward" not in k} for r in one
+        ]
         assert [x for r in two for x in r["rewards"]] == pytest.approx([x for r in one for x in r["rewards"]], abs=1e-6)
 
 
@@ -1416,14 +2083,22 @@ class TestArmoRM:
         assert score.Config().trust_remote_code is False
         rows = multi_turn(generations(7, seed=3))
         data = write_jsonl(tmp_path / "gen.jsonl", rows)
-        out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=armo_model))  # batches of 4, padded with [PAD]
-        assert "dropped 0 of 7 prompts" in capsys.readouterr().out  # and modeling_custom.py, which raises, was never imported
+        out = read_jsonl(
+            run_score(data, tmp_path / "pairs.jsonl", reward_model=armo_model)
+        )  # batches of 4, padded with [PAD]
+        assert (
+            "dropped 0 of 7 prompts" in capsys.readouterr().out
+        )  # and modeling_custom.py, which raises, was never imported
         expected = armo_by_hand(armo_model, reward_inputs(armo_model, rows))
         got = [r for row in out for r in row["rewards"]]
-        print(f"ArmoRM native vs by hand, fp32: max abs difference {max(abs(a - b) for a, b in zip(got, expected)):.2e}, "
-              f"max |score| {max(map(abs, got)):.2f}")
+        print(
+            f"ArmoRM native vs by hand, fp32: max abs difference {max(abs(a - b) for a, b in zip(got, expected)):.2e}, "
+            f"max |score| {max(map(abs, got)):.2f}"
+        )
         assert got == pytest.approx(expected, abs=1e-5, rel=0)
-        assert len({round(r, 6) for r in got}) == len(got)  # rewards differ between responses: a wrong reading would show
+        assert len({round(r, 6) for r in got}) == len(
+            got
+        )  # rewards differ between responses: a wrong reading would show
         for row in out:
             assert row["chosen_reward"] == max(row["rewards"]) and row["rejected_reward"] == min(row["rewards"])
         ones = read_jsonl(run_score(data, tmp_path / "ones.jsonl", reward_model=armo_model, batch_size=1))
@@ -1431,7 +2106,9 @@ class TestArmoRM:
 
     def test_armo_gates_on_the_last_user_turn(self, armo_model, tmp_path):
         rows = multi_turn(generations(4, seed=4))[1::2]  # two prompts, each with three user turns
-        out = read_jsonl(run_score(write_jsonl(tmp_path / "gen.jsonl", rows), tmp_path / "pairs.jsonl", reward_model=armo_model))
+        out = read_jsonl(
+            run_score(write_jsonl(tmp_path / "gen.jsonl", rows), tmp_path / "pairs.jsonl", reward_model=armo_model)
+        )
         inputs = reward_inputs(armo_model, rows)
         got = [r for row in out for r in row["rewards"]]
         assert got == pytest.approx(armo_by_hand(armo_model, inputs), abs=1e-5, rel=0)
@@ -1440,28 +2117,58 @@ class TestArmoRM:
 
     def test_armo_runs_no_remote_code_unless_asked(self, armo_model, tmp_path, monkeypatch):
         data = write_jsonl(tmp_path / "gen.jsonl", generations(3))
-        model = score.load_reward_model(score.Config(reward_model=armo_model), torch.float32, rebel.load_tokenizer(armo_model))
-        assert type(model) is score.ArmoRM and isinstance(model.model, transformers.LlamaModel)  # its backbone: transformers' own class
-        # asked for, the folder's modeling_custom.py runs (and raises): one line (its module copy goes to tmp_path, not ~/.cache)
+        model = score.load_reward_model(
+            score.Config(reward_model=armo_model), torch.float32, rebel.load_tokenizer(armo_model)
+        )
+        assert type(model) is score.ArmoRM and isinstance(
+            model.model, transformers.LlamaModel
+        )  # its backbone: transformers' own class
+        # asked for, the folder's modeling_custom.py runs (and raises): one line (its module copy goes to tmp_path, not
+        # ~/.cache)
         monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-        with pytest.raises(SystemExit, match=r"^error: could not load the reward model .*RuntimeError: the remote code of this checkpoint was run$"):
+        with pytest.raises(
+            SystemExit,
+            match=(
+                r"^error: could not load the reward model .*RuntimeError: the remote code of this checkpoint was run$"
+            ),
+        ):
             run_score(data, tmp_path / "pairs.jsonl", reward_model=armo_model, trust_remote_code=True)
 
-    @pytest.mark.parametrize("name, message", [
-        pytest.param("no_head", r"no_head: gating\.layers\.2\.bias, gating\.logit_scale, regression_layer\.weight not in "
-                     r"its checkpoint, where ArmoRM expects them; refusing to score with random values",
-                     id="armo-without-its-head"),
-        pytest.param("resized", r"resized: gating\.layers\.0\.bias \(checkpoint \[16\], model \[8\]\), "
-                     r"gating\.layers\.0\.weight \(checkpoint \[16, 64\], model \[8, 64\]\), .* not in its checkpoint",
-                     id="armo-gating-of-another-size"),
-        pytest.param("causal_lm", r": score\.weight not in its checkpoint, where LlamaForSequenceClassification expects them",
-                     id="causal-lm-is-no-reward-model"),
-        pytest.param("two_labels", r"LlamaForSequenceClassification with 2 outputs \(num_labels\); a reward model has 1",
-                     id="two-labels"),
-        pytest.param("no_weights", r"could not load the reward model .*no_weights.*: OSError: .*no file named "
-                     r".*model\.safetensors", id="no-weights"),
-    ])
-    def test_reward_models_with_random_or_missing_heads_are_refused(self, name, message, broken_reward_models, tmp_path):
+    @pytest.mark.parametrize(
+        "name, message",
+        [
+            pytest.param(
+                "no_head",
+                r"no_head: gating\.layers\.2\.bias, gating\.logit_scale, regression_layer\.weight not in "
+                r"its checkpoint, where ArmoRM expects them; refusing to score with random values",
+                id="armo-without-its-head",
+            ),
+            pytest.param(
+                "resized",
+                r"resized: gating\.layers\.0\.bias \(checkpoint \[16\], model \[8\]\), "
+                r"gating\.layers\.0\.weight \(checkpoint \[16, 64\], model \[8, 64\]\), .* not in its checkpoint",
+                id="armo-gating-of-another-size",
+            ),
+            pytest.param(
+                "causal_lm",
+                r": score\.weight not in its checkpoint, where LlamaForSequenceClassification expects them",
+                id="causal-lm-is-no-reward-model",
+            ),
+            pytest.param(
+                "two_labels",
+                r"LlamaForSequenceClassification with 2 outputs \(num_labels\); a reward model has 1",
+                id="two-labels",
+            ),
+            pytest.param(
+                "no_weights",
+                r"could not load the reward model .*no_weights.*: OSError: .*no file named " r".*model\.safetensors",
+                id="no-weights",
+            ),
+        ],
+    )
+    def test_reward_models_with_random_or_missing_heads_are_refused(
+        self, name, message, broken_reward_models, tmp_path
+    ):
         data = write_jsonl(tmp_path / "gen.jsonl", generations(3))
         with pytest.raises(SystemExit, match=message) as failed:
             run_score(data, tmp_path / "out.jsonl", reward_model=broken_reward_models[name])
@@ -1470,21 +2177,31 @@ class TestArmoRM:
 
     def test_armo_rows_that_cannot_be_scored_are_dropped_and_counted(self, armo_model, tmp_path, capsys):
         rows = generations(6, seed=5)
-        rows[1]["prompt"] = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)  # cut before its end by --max_length
+        rows[1]["prompt"] = " ".join(
+            ["the quick brown fox jumps over the lazy dog"] * 6
+        )  # cut before its end by --max_length
         rows[3]["responses"][2] = "sky [PAD] blue"  # the pad token inside: ArmoRM reads the reward before the first pad
-        rows = [dict(row, prompt=[{"role": "user", "content": row["prompt"]}]) for row in rows]  # message lists, all of them
+        rows = [
+            dict(row, prompt=[{"role": "user", "content": row["prompt"]}]) for row in rows
+        ]  # message lists, all of them
         rows[4]["prompt"] = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sky"}]
         folder = str(tmp_path / "armo_no_system")  # a template that raises on a system turn, as Gemma's does
         shutil.copytree(armo_model, folder)
         with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
-            f.write("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + LLAMA3_CHAT_TEMPLATE)
+            f.write(
+                "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                + LLAMA3_CHAT_TEMPLATE
+            )
         data = write_jsonl(tmp_path / "gen.jsonl", rows)
         capsys.readouterr()
         out = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_model=folder, max_length=40, block_size=6))
         printed = capsys.readouterr().out
-        assert ("dropped 3 of 6 prompts | 1 ArmoRM's gating tokens (end of the last user turn) cut off by --max_length | 1 the reward "
-                "model's chat template raised TemplateError: System role not supported | 1 the text holds the reward model's pad "
-                "token (the reward would be read before it) | 3 pairs kept") in printed
+        assert (
+            "dropped 3 of 6 prompts | 1 ArmoRM's gating tokens (end of the last user turn) cut off by --max_length | 1"
+            " the reward model's chat template raised TemplateError: System role not supported | 1 the text holds the"
+            " reward model's pad token (the reward would be read before it) | 3 pairs kept"
+            in printed
+        )
         kept = [rows[i] for i in (0, 2, 5)]
         assert [row["prompt"] for row in out] == [row["prompt"] for row in kept]
         expected = armo_by_hand(armo_model, [ids[:40] for ids in reward_inputs(armo_model, kept)])
@@ -1510,10 +2227,15 @@ class TestResumableState:
         out = gen(model, prompts, tmp_path / "gen.jsonl")
         os.remove(out)
         os.remove(out + ".shards/block_000001.jsonl")
-        assert gen(os.path.relpath(model) + "/", os.path.relpath(prompts), out) == out  # other names of the same files resume
+        assert (
+            gen(os.path.relpath(model) + "/", os.path.relpath(prompts), out) == out
+        )  # other names of the same files resume
         shutil.rmtree(model)
         make_model(model, seed=1)
-        for finished in (True, False):  # all blocks saved (the model is not loaded, its files are still checked), or not
+        for finished in (
+            True,
+            False,
+        ):  # all blocks saved (the model is not loaded, its files are still checked), or not
             if not finished:
                 os.remove(out + ".shards/block_000001.jsonl")
             with pytest.raises(SystemExit, match=r"gen\.jsonl\.shards holds blocks made with other model files"):
@@ -1521,7 +2243,10 @@ class TestResumableState:
         # score.py: the reward function raised on row 4 (block 1); the user fixes it and runs the same command again
         fn = tmp_path / "rewards.py"
         fn.write_text(FAILS_ON_ROW_4)
-        data = write_jsonl(tmp_path / "gen2.jsonl", [dict(prompt=f"p{i}", responses=["a", "bb", "c"], truncated=[False] * 3) for i in range(9)])
+        data = write_jsonl(
+            tmp_path / "gen2.jsonl",
+            [dict(prompt=f"p{i}", responses=["a", "bb", "c"], truncated=[False] * 3) for i in range(9)],
+        )
         with pytest.raises(SystemExit, match="raised on row 4"):
             run_score(data, tmp_path / "pairs.jsonl", reward_fn=f"{fn}:reward")
         assert os.listdir(tmp_path / "pairs.jsonl.shards") != ["manifest.json"]  # block 0 was saved
@@ -1542,7 +2267,9 @@ class TestResumableState:
         train(model, os.path.relpath(pairs), run, total_episodes=24, eval_size=0, resume=True, stop_after=1)
         shutil.rmtree(model)
         make_model(model, seed=2)
-        with pytest.raises(SystemExit, match=r"--resume: the files of --model .* differ from those .*update_000002 started from"):
+        with pytest.raises(
+            SystemExit, match=r"--resume: the files of --model .* differ from those .*update_000002 started from"
+        ):
             train(model, pairs, run, total_episodes=24, eval_size=0, resume=True)
 
     def test_generate_redoes_damaged_blocks_and_refuses_a_lost_manifest(self, tiny_model, tmp_path, capsys):
@@ -1582,8 +2309,9 @@ class TestResumableState:
                                              r"model has now"):
             run_score(data, pairs, reward_model=rm)
 
-    def test_edited_reference_cache_is_redone_and_a_damaged_checkpoint_is_one_line(self, tiny_model, stopped_run, tmp_path,
-                                                                                    capsys):
+    def test_edited_reference_cache_is_redone_and_a_damaged_checkpoint_is_one_line(
+        self, tiny_model, stopped_run, tmp_path, capsys
+    ):
         # rebel.py: an edited reference cache is computed again; a damaged checkpoint is one line
         data, run = stopped_run.data, shutil.copytree(stopped_run.run, tmp_path / "run")
         ref = read_jsonl(os.path.join(run, "ref_logprobs.jsonl"))
@@ -1600,8 +2328,9 @@ class TestResumableState:
     def test_a_checkpoint_without_its_rng_state_is_one_line(self, tiny_model, stopped_run, tmp_path):
         run = shutil.copytree(stopped_run.run, tmp_path / "run")
         os.remove(os.path.join(run, "checkpoints", "update_000001", "rng.pt"))
-        with pytest.raises(SystemExit, match=r"update_000001 cannot be read \(FileNotFoundError: .*: delete it to start "
-                                             r"afresh"):
+        with pytest.raises(
+            SystemExit, match=r"update_000001 cannot be read \(FileNotFoundError: .*: delete it to start " r"afresh"
+        ):
             train(tiny_model, stopped_run.data, run, total_episodes=24, eval_size=0, resume=True)
 
     @pytest.mark.parametrize("damage", ["{", None], ids=["cut", "missing"])
@@ -1611,8 +2340,9 @@ class TestResumableState:
         os.remove(os.path.join(run, "checkpoints", "update_000001", "rng.pt"))
         state = os.path.join(run, "checkpoints", "update_000001", "train_state.json")
         open(state, "w").write(damage) if damage else os.remove(state)
-        with pytest.raises(SystemExit, match=r"update_000001/train_state\.json is missing or damaged: delete .* to start "
-                                             r"afresh"):
+        with pytest.raises(
+            SystemExit, match=r"update_000001/train_state\.json is missing or damaged: delete .* to start " r"afresh"
+        ):
             train(tiny_model, stopped_run.data, run, total_episodes=24, eval_size=0, resume=True)
 
     def test_a_model_rank_0_cannot_load_stops_every_process(self, tiny_model, stopped_run, tmp_path):
@@ -1623,7 +2353,10 @@ class TestResumableState:
         open(weights, "r+b").truncate(os.path.getsize(weights) // 2)
         done = torchrun("rebel.py", dict(model=broken, dataset=stopped_run.data, output_dir=tmp_path / "run3",
                                          total_episodes=8, batch_size=4, eval_size=0), check=False)
-        assert done.returncode != 0 and (done.stdout + done.stderr).count(f"error: could not load the model '{broken}'") == 2
+        assert (
+            done.returncode != 0
+            and (done.stdout + done.stderr).count(f"error: could not load the model '{broken}'") == 2
+        )
         assert "Connection closed" not in done.stderr and "[rank1]: Traceback" not in done.stderr
 
     def test_one_output_folder_holds_one_run(self, tiny_model, stopped_run, tmp_path):
@@ -1646,17 +2379,26 @@ class TestTokenExactness:
     @pytest.mark.parametrize("family", list(FAMILIES))
     def test_sampled_tokens_are_the_trained_tokens(self, family, tmp_path, capsys):
         """generate → score → rebel in each template family: the reference log-probs that rebel.py caches are the naive
-        full-logits log-probs of exactly the sampled prompt ids + sampled response ids (stop token included, nothing after)."""
+        full-logits log-probs of exactly the sampled prompt ids + sampled response ids (stop token included, nothing
+        after).
+        """
         model, generated, pairs = family_pipeline(family, tmp_path)
         printed = capsys.readouterr().out
         tokenizer = rebel.load_tokenizer(model)
         stop_ids = set(generate.stop_token_ids(tokenizer, model, rebel.load_model_config(model)))
-        assert len(generated) == (7 if family in ("gemma", "mistral") else 8)  # the system-turn prompt is skipped and counted there
+        assert len(generated) == (
+            7 if family in ("gemma", "mistral") else 8
+        )  # the system-turn prompt is skipped and counted there
         if family in ("gemma", "mistral"):
-            assert "dropped 1 of 8 rows | 1 × the chat template raised TemplateError" in printed and "(first: row 7)" in printed
+            assert (
+                "dropped 1 of 8 rows | 1 × the chat template raised TemplateError" in printed
+                and "(first: row 7)" in printed
+            )
         for row in generated:
             assert row["prompt_ids"] == rebel.prompt_tokens(tokenizer, row["prompt"])[1]
-            for ids, truncated, text, n in zip(row["response_ids"], row["truncated"], row["responses"], row["num_tokens"]):
+            for ids, truncated, text, n in zip(
+                row["response_ids"], row["truncated"], row["responses"], row["num_tokens"]
+            ):
                 assert truncated == (ids[-1] not in stop_ids) and not stop_ids & set(ids[:-1]) and n == len(ids)
                 assert text == tokenizer.decode(ids if truncated else ids[:-1], skip_special_tokens=True)
         ends = [t for row in generated for t in row["truncated"]]
@@ -1677,9 +2419,12 @@ class TestTokenExactness:
             assert (row["chosen_ids"], row["rejected_ids"]) == (row["response_ids"][best], row["response_ids"][worst])
             with torch.no_grad():
                 for key, column in (("chosen_logprob", "chosen_ids"), ("rejected_logprob", "rejected_ids")):
-                    assert ref[i][key] == pytest.approx(naive_logprob(policy, row["prompt_ids"], row[column], 0.8).item(), abs=1e-4)
+                    assert ref[i][key] == pytest.approx(
+                        naive_logprob(policy, row["prompt_ids"], row[column], 0.8).item(), abs=1e-4
+                    )
 
-        # the same pairs as text only (the authors' released data has no ids): tokenised like sampling, or dropped with a reason
+        # the same pairs as text only (the authors' released data has no ids): tokenised like sampling, or dropped with
+        # a reason
         from datasets import Dataset
         texts = Dataset.from_list([{k: v for k, v in row.items() if not k.endswith("_ids")} for row in rows])
         eot = rebel.end_of_turn(tokenizer)
@@ -1691,7 +2436,9 @@ class TestTokenExactness:
             row = rows[pair["index"]]
             assert pair["prompt_ids"] == row["prompt_ids"]  # the prompt alone, never merged with the response
             for ids, text in ((pair["chosen_ids"], row["chosen"]), (pair["rejected_ids"], row["rejected"])):
-                assert (ids[-1] == eot) if eot is not None else (eot not in ids)  # the end of turn, never the "\n" after it
+                assert (
+                    (ids[-1] == eot) if eot is not None else (eot not in ids)
+                )  # the end of turn, never the "\n" after it
                 assert tokenizer.decode(ids[:-1] if eot is not None else ids).strip() == text.strip()
 
     def test_chat_template_that_writes_todays_date(self, tmp_path, monkeypatch, capsys):
@@ -1716,25 +2463,38 @@ class TestTokenExactness:
         assert {row["chat_date"] for row in rows} == {"2025-01-01T23:59:00"}
         assert all("Today Date: 01 Jan 2025" in tokenizer.decode(row["prompt_ids"]) for row in rows)
 
-        Clock.today_is = datetime.datetime(2025, 1, 2, 0, 1)  # midnight passed: a resume after a lost block, then training
+        Clock.today_is = datetime.datetime(
+            2025, 1, 2, 0, 1
+        )  # midnight passed: a resume after a lost block, then training
         os.remove(sorted(glob.glob(str(tmp_path / "gen.jsonl.shards" / "block_*.jsonl")))[0])
         assert read_jsonl(gen(model, prompts, tmp_path / "gen.jsonl", num_samples=3, max_new_tokens=12)) == rows
-        pairs = load_rows(run_score(generated, tmp_path / "pairs.jsonl", reward_fn="test_rebel.py:demo_reward", drop_truncated=False))
+        pairs = load_rows(
+            run_score(generated, tmp_path / "pairs.jsonl", reward_fn="test_rebel.py:demo_reward", drop_truncated=False)
+        )
         kept = rebel.tokenize_pairs(Dataset.from_list(pairs), tokenizer, "pairs", len(tokenizer))
         assert [(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in kept] == [
             (r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in pairs]
         capsys.readouterr()
         with pytest.raises(SystemExit, match="every row was dropped"):
-            rebel.tokenize_pairs(Dataset.from_list([{k: v for k, v in r.items() if k != "chat_date"} for r in pairs]), tokenizer, "pairs", len(tokenizer))
+            rebel.tokenize_pairs(
+                Dataset.from_list([{k: v for k, v in r.items() if k != "chat_date"} for r in pairs]),
+                tokenizer,
+                "pairs",
+                len(tokenizer),
+            )
         assert "the template writes today's date, and the row has no chat_date" in capsys.readouterr().out
         manifest = tmp_path / "gen.jsonl.shards" / "manifest.json"
         manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), chat_date="garbage")))
-        with pytest.raises(SystemExit, match=r"manifest\.json: chat_date 'garbage' is not a date and time; delete .* to start afresh"):
+        with pytest.raises(
+            SystemExit, match=r"manifest\.json: chat_date 'garbage' is not a date and time; delete .* to start afresh"
+        ):
             gen(model, prompts, tmp_path / "gen.jsonl", num_samples=3, max_new_tokens=12)
 
     def test_text_pairs_end_of_turn_comes_from_each_template(self, family_tokenizers):
-        """Text-only pairs: the end-of-turn token comes from each template; the prompt is tokenised alone and the response
-        from the text the template adds after it, up to its end-of-turn token; a row that cannot be split is a BadRow."""
+        """Text-only pairs: the end-of-turn token comes from each template; the prompt is tokenised alone and the
+        response
+        from the text the template adds after it, up to its end-of-turn token; a row that cannot be split is a BadRow.
+        """
         tok = family_tokenizers
         ends = {f: rebel.end_of_turn(t) for f, t in tok.items()}
         assert {f: e if e is None else tok[f].convert_ids_to_tokens(e) for f, e in ends.items()} == {
@@ -1742,7 +2502,8 @@ class TestTokenExactness:
             "thinking": "<|im_end|>", "no_end_token": None, "llama3_dated": "<|eot_id|>", "gpt2_bytes": "<|eot_id|>"}
 
     def test_text_pairs_keep_a_leading_newline_as_sampled(self, family_tokenizers):
-        # 1. ChatML: a response that starts with "\n" (which merged with the template's own "\n" before) is kept as sampled
+        # 1. ChatML: a response that starts with "\n" (which merged with the template's own "\n" before) is kept as
+        # sampled
         tok = family_tokenizers
         prompt_ids, response = text_ids(tok, "chatml", "\nsea and sky")
         assert tok["chatml"].decode(response) == "\nsea and sky<|im_end|>"
@@ -1754,7 +2515,8 @@ class TestTokenExactness:
         assert text_ids(family_tokenizers, family, "blue")[1][-1] == rebel.end_of_turn(family_tokenizers[family])
 
     def test_text_pairs_tokenise_prompt_and_response_apart(self, family_tokenizers):
-        # 9. GPT-2's byte-level pre-tokenizer splits "\n\n" + word as "\n", "\n" + word: tokenised together, the templated
+        # 9. GPT-2's byte-level pre-tokenizer splits "\n\n" + word as "\n", "\n" + word: tokenised together, the
+        # templated
         #    prompt would not be a prefix; tokenised apart, as sampling sees it, it is
         tok = family_tokenizers
         prompt_text, prompt_ids = rebel.prompt_tokens(tok["gpt2_bytes"], "the sea")
@@ -1801,27 +2563,43 @@ class TestTokenExactness:
 
     def test_sampling_uses_exactly_the_flags_and_the_templates_end_of_turn(self, tmp_path, capsys):
         """6. A checkpoint whose generation_config.json asks for a repetition penalty, min_new_tokens and its own top_k,
-        temperature and top_p samples exactly the tokens of one without them; 7. an older Llama-3 checkpoint whose configs
+        temperature and top_p samples exactly the tokens of one without them; 7. an older Llama-3 checkpoint whose
+        configs
         list only <|end_of_text|> still stops at the template's <|eot_id|> (with a warning)."""
         base = make_model(str(tmp_path / "base"), ends_often=True)
         quirky, old = str(tmp_path / "quirky"), str(tmp_path / "old_llama3")
         shutil.copytree(base, quirky)
         shutil.copytree(base, old)
         settings = json.load(open(os.path.join(base, "generation_config.json")))
-        json.dump(dict(settings, repetition_penalty=1.5, min_new_tokens=8, no_repeat_ngram_size=2, top_k=5, temperature=0.2,
-                       top_p=0.5, do_sample=True), open(os.path.join(quirky, "generation_config.json"), "w"))
+        json.dump(
+            dict(
+                settings,
+                repetition_penalty=1.5,
+                min_new_tokens=8,
+                no_repeat_ngram_size=2,
+                top_k=5,
+                temperature=0.2,
+                top_p=0.5,
+                do_sample=True,
+            ),
+            open(os.path.join(quirky, "generation_config.json"), "w"),
+        )
         end = rebel.load_tokenizer(base).convert_tokens_to_ids("<|end_of_text|>")
         json.dump(dict(settings, eos_token_id=end), open(os.path.join(old, "generation_config.json"), "w"))
         config = json.load(open(os.path.join(old, "config.json")))
         json.dump(dict(config, eos_token_id=end), open(os.path.join(old, "config.json"), "w"))
         tokenizer_config = json.load(open(os.path.join(old, "tokenizer_config.json")))
-        json.dump(dict(tokenizer_config, eos_token="<|end_of_text|>"), open(os.path.join(old, "tokenizer_config.json"), "w"))
+        json.dump(
+            dict(tokenizer_config, eos_token="<|end_of_text|>"), open(os.path.join(old, "tokenizer_config.json"), "w")
+        )
         prompts = write_prompts(tmp_path / "prompts.jsonl", n=6)
         rows = {name: read_jsonl(gen(model, prompts, tmp_path / f"{name}.jsonl", num_samples=4, max_new_tokens=10))
                 for name, model in (("base", base), ("quirky", quirky), ("old", old))}
         printed = capsys.readouterr().out
         assert "sampling: temperature 0.8 | top_p 0.9 | no top_k | max_new_tokens 10" in printed
-        assert "the chat template ends a turn with '<|eot_id|>'" in printed and "it is added to the stop tokens" in printed
+        assert (
+            "the chat template ends a turn with '<|eot_id|>'" in printed and "it is added to the stop tokens" in printed
+        )
         eot = rebel.load_tokenizer(base).convert_tokens_to_ids("<|eot_id|>")
         assert any(ids[-1] == eot for row in rows["old"] for ids in row["response_ids"])
         assert any(n < 8 for row in rows["quirky"] for n in row["num_tokens"])  # min_new_tokens did not apply
@@ -1840,15 +2618,18 @@ class TestGSM8K:
         # random.Random(1234), .sample(train, 5) per test question in test order, nothing removed since train != test):
         shots = {0: [6374, 3610, 957, 61, 742], 1: [7462, 6610, 4769, 286, 5501], 1318: [220, 4179, 6064, 5599, 5541]}
         for i, indices in shots.items():
-            expected = "".join("Question: " + train[j]["question"] + "\nAnswer: " + train[j]["answer"] + "\n\n" for j in indices)
+            expected = "".join(
+                "Question: " + train[j]["question"] + "\nAnswer: " + train[j]["answer"] + "\n\n" for j in indices
+            )
             assert prompts[i] == expected + "Question: " + test[i]["question"] + "\nAnswer:"
         # the same facts as literal text
         assert prompts[0].startswith("Question: Jen and Tyler are gymnasts practicing flips. Jen is practicing")
         assert "\n#### 12\n\nQuestion: Four people in a law firm are planning a party." in prompts[0]
         assert prompts[0].endswith(
-            "\n\nQuestion: Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
-            "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck "
-            "egg. How much in dollars does she make every day at the farmers' market?\nAnswer:")
+            "\n\nQuestion: Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes"
+            " muffins for her friends every day with four. She sells the remainder at the farmers' market daily for $2"
+            " per fresh duck egg. How much in dollars does she make every day at the farmers' market?\nAnswer:"
+        )
         # every prompt, re-derived on indices with an independent generator
         rnd = random.Random(1234)
         for doc, prompt in zip(test, prompts):
@@ -1857,36 +2638,77 @@ class TestGSM8K:
             assert prompt == f"{context}Question: {doc['question']}\nAnswer:"
         # a prompt depends on its position only: a prefix of the test set (--limit) gets the same prompts
         assert eval_gsm8k.build_prompts(test[:8], train) == prompts[:8]
-        assert eval_gsm8k.build_prompts(test[:2], train, num_fewshot=0) == [f"Question: {d['question']}\nAnswer:" for d in test[:2]]
+        assert eval_gsm8k.build_prompts(test[:2], train, num_fewshot=0) == [
+            f"Question: {d['question']}\nAnswer:" for d in test[:2]
+        ]
         assert eval_gsm8k.build_prompts(test[:1], train, seed=1) != prompts[:1]
 
-    # generation, answer field, stop strings, expected (strict, flexible) extraction, expected (strict, flexible) correctness
-    @pytest.mark.parametrize("generation, answer, stop, extracted, correct", [
-        ("16 - 3 - 4 = 9 eggs, so she makes 9 * 2 = $18.\n#### 18", "9 * 2 = 18\n#### 18", None, ("18", "18"), (True, True)),
-        ("#### 1,000", "#### 1000", None, ("1,000", "1,000"), (True, True)),  # commas removed on both sides
-        ("She earns 1,234, which is plenty", "#### 1234", None, ("[invalid]", "1,234,"), (False, True)),
-        ("The answer is $18.", "#### 18", None, ("[invalid]", "$18."), (False, True)),  # '$' and the final '.' removed
-        ("#### 18.", "#### 18", None, ("18.", "18."), (True, True)),
-        ("So she makes 18 dollars every day.", "#### 18", None, ("[invalid]", "18"), (False, True)),  # no '####'
-        ("####18", "#### 18", None, ("[invalid]", "18"), (False, True)),  # '#### ' needs the space
-        ("so the answer is 7.", "#### 7", None, ("[invalid]", "7."), (False, True)),
-        ("2 + 2 = 4\n#### 4\n\nQuestion: Tom has 3 apples and gets 2 more.\nAnswer: 3 + 2 = 5\n#### 5", "#### 4", None,
-         ("4", "4"), (True, True)),  # everything after "Question:" is cut
-        ("#### 7</s>#### 8", "#### 8", None, ("7", "7"), (False, False)),
-        ("The answer is 12<|im_end|>\n12 + 1 = 13", "#### 12", None, ("[invalid]", "12"), (False, True)),
-        ("#### 4<|eot_id|>#### 5", "#### 5", EOT, ("4", "4"), (False, False)),  # the tokenizer's end token is a stop too
-        ("#### 4<|eot_id|>#### 5", "#### 5", None, ("4", "5"), (False, True)),
-        ("#### 5\n#### 6", "#### 6", None, ("5", "6"), (False, True)),  # strict: the first '####', flexible: the last number
-        ("3 + 4 = 7 apples, then 7 * 2 = 14 in total", "#### 14", None, ("[invalid]", "14"), (False, True)),
-        ("I have 12 apples and ate 1", "#### 12", None, ("[invalid]", "1"), (False, False)),
-        ("5-3 = 2", "#### 2", None, ("[invalid]", "2"), (False, True)),
-        ("It drops to -5 degrees.\n#### -5", "#### -5", None, ("-5", "-5"), (True, True)),
-        ("The loss is -$5.", "#### -5", None, ("[invalid]", "-$5."), (False, True)),
-        ("Each costs 2.50, so 2.5\n#### 2.5", "#### 2.5", None, ("2.5", "2.5"), (True, True)),
-        ("#### 18.00", "#### 18", None, ("18.00", "18.00"), (False, False)),  # no numeric comparison, as in the harness
-        ("The answer is 42...", "#### 42", None, ("[invalid]", "42..."), (False, False)),  # only one final '.' goes
-        ("", "#### 3", None, ("[invalid]", "[invalid]"), (False, False)),
-    ])
+    # generation, answer field, stop strings, expected (strict, flexible) extraction, expected (strict, flexible)
+    # correctness
+    @pytest.mark.parametrize(
+        "generation, answer, stop, extracted, correct",
+        [
+            (
+                "16 - 3 - 4 = 9 eggs, so she makes 9 * 2 = $18.\n#### 18",
+                "9 * 2 = 18\n#### 18",
+                None,
+                ("18", "18"),
+                (True, True),
+            ),
+            ("#### 1,000", "#### 1000", None, ("1,000", "1,000"), (True, True)),  # commas removed on both sides
+            ("She earns 1,234, which is plenty", "#### 1234", None, ("[invalid]", "1,234,"), (False, True)),
+            (
+                "The answer is $18.",
+                "#### 18",
+                None,
+                ("[invalid]", "$18."),
+                (False, True),
+            ),  # '$' and the final '.' removed
+            ("#### 18.", "#### 18", None, ("18.", "18."), (True, True)),
+            ("So she makes 18 dollars every day.", "#### 18", None, ("[invalid]", "18"), (False, True)),  # no '####'
+            ("####18", "#### 18", None, ("[invalid]", "18"), (False, True)),  # '#### ' needs the space
+            ("so the answer is 7.", "#### 7", None, ("[invalid]", "7."), (False, True)),
+            (
+                "2 + 2 = 4\n#### 4\n\nQuestion: Tom has 3 apples and gets 2 more.\nAnswer: 3 + 2 = 5\n#### 5",
+                "#### 4",
+                None,
+                ("4", "4"),
+                (True, True),
+            ),  # everything after "Question:" is cut
+            ("#### 7</s>#### 8", "#### 8", None, ("7", "7"), (False, False)),
+            ("The answer is 12<|im_end|>\n12 + 1 = 13", "#### 12", None, ("[invalid]", "12"), (False, True)),
+            (
+                "#### 4<|eot_id|>#### 5",
+                "#### 5",
+                EOT,
+                ("4", "4"),
+                (False, False),
+            ),  # the tokenizer's end token is a stop too
+            ("#### 4<|eot_id|>#### 5", "#### 5", None, ("4", "5"), (False, True)),
+            (
+                "#### 5\n#### 6",
+                "#### 6",
+                None,
+                ("5", "6"),
+                (False, True),
+            ),  # strict: the first '####', flexible: the last number
+            ("3 + 4 = 7 apples, then 7 * 2 = 14 in total", "#### 14", None, ("[invalid]", "14"), (False, True)),
+            ("I have 12 apples and ate 1", "#### 12", None, ("[invalid]", "1"), (False, False)),
+            ("5-3 = 2", "#### 2", None, ("[invalid]", "2"), (False, True)),
+            ("It drops to -5 degrees.\n#### -5", "#### -5", None, ("-5", "-5"), (True, True)),
+            ("The loss is -$5.", "#### -5", None, ("[invalid]", "-$5."), (False, True)),
+            ("Each costs 2.50, so 2.5\n#### 2.5", "#### 2.5", None, ("2.5", "2.5"), (True, True)),
+            (
+                "#### 18.00",
+                "#### 18",
+                None,
+                ("18.00", "18.00"),
+                (False, False),
+            ),  # no numeric comparison, as in the harness
+            ("The answer is 42...", "#### 42", None, ("[invalid]", "42..."), (False, False)),  # only one final '.' goes
+            ("", "#### 3", None, ("[invalid]", "[invalid]"), (False, False)),
+        ],
+    )
     def test_gsm8k_extraction_and_scoring(self, generation, answer, stop, extracted, correct):
         stop = eval_gsm8k.STOP if stop is None else stop
         assert eval_gsm8k.extract(generation, stop) == extracted
@@ -1903,10 +2725,15 @@ class TestGSM8K:
     def test_gsm8k_early_stop_equals_full_generation_then_cut(self, tiny_model, gsm8k):
         tokenizer = AutoTokenizer.from_pretrained(tiny_model)
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-        ids = tokenizer([f"Question: {d['question']}\nAnswer:" for d in gsm8k[1][:4]], add_special_tokens=False)["input_ids"]
+        ids = tokenizer([f"Question: {d['question']}\nAnswer:" for d in gsm8k[1][:4]], add_special_tokens=False)[
+            "input_ids"
+        ]
         full = eval_gsm8k.generate(model, tokenizer, ids, 24, (), tokenizer.eos_token_id)
         # stop strings that the generations do contain (printable ASCII: a partly decoded character shows as U+FFFD)
-        stop = tuple(next(t[k:k + 2] for k in range(6, len(t)) if t[k:k + 2].isascii() and t[k:k + 2].isprintable()) for t in full)
+        stop = tuple(
+            next(t[k : k + 2] for k in range(6, len(t)) if t[k : k + 2].isascii() and t[k : k + 2].isprintable())
+            for t in full
+        )
         early = eval_gsm8k.generate(model, tokenizer, ids, 24, stop, tokenizer.eos_token_id)
         assert [eval_gsm8k.cut(t, stop) for t in early] == [eval_gsm8k.cut(t, stop) for t in full]
         assert max(map(len, early)) < max(map(len, full))  # it did stop early
@@ -1931,9 +2758,28 @@ class TestGSM8K:
         assert run_eval(tiny_model, gsm8k_dir, tmp_path / "unbatched", batch_size=1)[1] == records
         # two processes (each a share of the batches) write the same records and results
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   os.path.join(HERE, "eval_gsm8k.py"), "--model", tiny_model, "--data", gsm8k_dir, "--output", str(tmp_path / "two"),
-                   "--limit", "8", "--num_fewshot", "1", "--batch_size", "3", "--max_new_tokens", "12"]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(HERE, "eval_gsm8k.py"),
+            "--model",
+            tiny_model,
+            "--data",
+            gsm8k_dir,
+            "--output",
+            str(tmp_path / "two"),
+            "--limit",
+            "8",
+            "--num_fewshot",
+            "1",
+            "--batch_size",
+            "3",
+            "--max_new_tokens",
+            "12",
+        ]
         subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=300)
         two = read_json(tmp_path / "two" / "summary.json")
         assert read_jsonl(tmp_path / "two" / "samples.jsonl") == records and two["runtime"]["processes"] == 2
@@ -1954,7 +2800,9 @@ class TestGSM8K:
         tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<|begin_of_text|> $A",
                                                                         special_tokens=[("<|begin_of_text|>", bos)])
         plain = "Question: How many?\nAnswer:"
-        templated = tokenizer.apply_chat_template([{"role": "user", "content": plain}], tokenize=False, add_generation_prompt=True)
+        templated = tokenizer.apply_chat_template(
+            [{"role": "user", "content": plain}], tokenize=False, add_generation_prompt=True
+        )
         text_ids = tokenizer(plain, add_special_tokens=False)["input_ids"]
         assert eval_gsm8k.encode(tokenizer, [plain]) == [text_ids]  # lm-eval's old default: no BOS
         assert eval_gsm8k.encode(tokenizer, [plain], add_bos_token=True) == [[bos] + text_ids]
@@ -1988,7 +2836,9 @@ class TestGSM8K:
 
     def test_gsm8k_question_without_an_answer_is_named_by_its_line(self, tmp_path):
         g = gsm8k_bad_input(tmp_path)
-        path = os.path.join(g.data_folder("no_answer", g.good[:2] + ['{"question": "How many?"}'] + g.good), "test.jsonl")
+        path = os.path.join(
+            g.data_folder("no_answer", g.good[:2] + ['{"question": "How many?"}'] + g.good), "test.jsonl"
+        )
         assert g.error(os.path.dirname(path)) == f"error: {path} line 3: expected a JSON object with a string 'answer'"
 
 
@@ -2010,14 +2860,19 @@ class TestDemo:
 class TestBench:
     """The benchmark (RUN_BENCH=1 pytest -q test_rebel.py -k bench -s); skipped otherwise."""
 
-    @pytest.mark.skipif(os.environ.get("RUN_BENCH") != "1", reason="benchmark: RUN_BENCH=1 pytest test_rebel.py -k bench -s")
+    @pytest.mark.skipif(
+        os.environ.get("RUN_BENCH") != "1", reason="benchmark: RUN_BENCH=1 pytest test_rebel.py -k bench -s"
+    )
     def test_bench(self, tmp_path, alpaca_eval, gsm8k):
         torch.manual_seed(0)
         llama, rebel_answers = alpaca_eval
         corpus = [a["instruction"] for a in llama] + [a["output"] for a in llama] + [b["output"] for b in rebel_answers]
         tokenizer = make_tokenizer(str(tmp_path / "tok"), vocab_size=32000, corpus=corpus)
         pairs = alpaca_pairs(alpaca_eval, tokenizer)
-        print(f"\n{len(pairs)} AlpacaEval pairs; mean tokens per pair (2 sequences) {sum(map(rebel.pair_tokens, pairs)) / len(pairs):.0f}")
+        print(
+            f"\n{len(pairs)} AlpacaEval pairs; mean tokens per pair (2 sequences)"
+            f" {sum(map(rebel.pair_tokens, pairs)) / len(pairs):.0f}"
+        )
         repeats = int(os.environ.get("BENCH_REPEATS", "3"))  # single runs on a shared 2-core machine swing up to ~2×
         print_table([bench_rows(tmp_path, tokenizer, pairs, llama, gsm8k) for _ in range(repeats)])
 
@@ -2026,7 +2881,8 @@ class TestGPUCheck:
     """The GPU check (python test_rebel.py gpu) at tiny sizes on CPU."""
 
     def test_gpu_check_smoke_on_cpu(self, tmp_path, capsys, monkeypatch):
-        """The GPU check's own functions at tiny sizes (bf16 where the GPU computes in bf16, in-process instead of torchrun),
+        """The GPU check's own functions at tiny sizes (bf16 where the GPU computes in bf16, in-process instead of
+        torchrun),
         so that the command cannot rot; without a GPU, the command itself says so and runs nothing."""
         with monkeypatch.context() as patch:
             patch.setattr(torch.cuda, "is_available", lambda: False)
@@ -2036,7 +2892,11 @@ class TestGPUCheck:
         assert read_json(tmp_path / "out" / "gpu_check.json") == json.loads(json.dumps(report))
         assert [name for name, section in report["sections"].items() if "error" in section] == []
         assert [r for r in report["table"] if r["status"] == "FAIL"] == [] and report["passed"]
-        assert {r["section"] for r in report["table"] if r["status"] == "pass"} == {"correctness", "llama_1b", "generation"}
+        assert {r["section"] for r in report["table"] if r["status"] == "pass"} == {
+            "correctness",
+            "llama_1b",
+            "generation",
+        }
         assert len(report["sections"]["llama_1b"]["training"]) == 4 and "predicted_8b" in report["sections"]["slice_8b"]
         assert "| section | measure |" in open(tmp_path / "out" / "gpu_check.log").read()
 
@@ -2055,8 +2915,10 @@ class TestLayout:
 
     def test_rebel_loss_is_defined_in_the_first_150_lines(self):
         lines = source_lines("rebel.py")
-        assert any(line.startswith("def rebel_loss") for line in lines[:150]), \
-            f"def rebel_loss is at line {next((n for n, l in enumerate(lines, 1) if l.startswith('def rebel_loss')), None)}"
+        assert any(line.startswith("def rebel_loss") for line in lines[:150]), (
+            "def rebel_loss is at line"
+            f" {next((n for n, l in enumerate(lines, 1) if l.startswith('def rebel_loss')), None)}"
+        )
 
     def test_main_is_above_the_marked_line(self):
         lines = source_lines("rebel.py")
@@ -2071,10 +2933,11 @@ class TestLayout:
         assert not long, f"{name}: {len(long)} line(s) over 120 columns: {long[:20]}"
 
 
-# ----------------------------------------------------------------------------- the demo: python test_rebel.py demo [folder]
+# ------------------------------------------------------------------------- the demo: python test_rebel.py demo [folder]
 
 def demo_reward(prompt, response):
-    """The demo's rule-based reward, one a tiny random model can learn: the share of vowels among the response's characters."""
+    """The demo's rule-based reward, one a tiny random model can learn: the share of vowels among the response's
+    characters."""
     return sum(c in "aeiou" for c in response) / max(1, len(response))
 
 
@@ -2094,8 +2957,11 @@ def held_out_reward(model, prompts, out_dir, iteration, samples=4, max_new_token
     return sum(rewards) / len(rewards)
 
 
-def run_demo(out="runs/demo", iterations=3, num_prompts=256, num_eval_prompts=64, num_samples=5, max_new_tokens=16, eta=20.0):
-    """The whole REBEL loop on a tiny Llama, CPU only: for each iteration, sample K responses per prompt from the current
+def run_demo(
+    out="runs/demo", iterations=3, num_prompts=256, num_eval_prompts=64, num_samples=5, max_new_tokens=16, eta=20.0
+):
+    """The whole REBEL loop on a tiny Llama, CPU only: for each iteration, sample K responses per prompt from the
+    current
     policy (generate.py), keep the best and worst under a rule-based reward (score.py --reward_fn), train from the
     current policy with REBEL (rebel.py), and measure the new policy's mean reward on held-out prompts."""
     start = time.time()
@@ -2104,7 +2970,9 @@ def run_demo(out="runs/demo", iterations=3, num_prompts=256, num_eval_prompts=64
         print(f"removing the earlier demo in {out}/", flush=True)
         shutil.rmtree(out)
     elif os.path.isdir(out) and os.listdir(out):
-        raise SystemExit(f"error: {out} holds other files; give the demo an empty or new folder: python test_rebel.py demo FOLDER")
+        raise SystemExit(
+            f"error: {out} holds other files; give the demo an empty or new folder: python test_rebel.py demo FOLDER"
+        )
     os.makedirs(out, exist_ok=True)
     open(marker, "w").close()
     rng = random.Random(0)
@@ -2113,53 +2981,132 @@ def run_demo(out="runs/demo", iterations=3, num_prompts=256, num_eval_prompts=64
     write_jsonl(train_prompts, [{"prompt": p} for p in prompts[:num_prompts]])
     write_jsonl(eval_prompts, [{"prompt": p} for p in prompts[num_prompts:]])
     policy = make_model(os.path.join(out, "iter_0"))
-    table = [dict(iteration=0, held_out_reward=held_out_reward(policy, eval_prompts, out, 0, max_new_tokens=max_new_tokens))]
+    table = [
+        dict(iteration=0, held_out_reward=held_out_reward(policy, eval_prompts, out, 0, max_new_tokens=max_new_tokens))
+    ]
     for it in range(1, iterations + 1):
         step = os.path.join(out, f"iter_{it}")
         os.makedirs(step, exist_ok=True)
         generations, pairs = os.path.join(step, "generations.jsonl"), os.path.join(step, "pairs.jsonl")
-        run_stage(generate, ["--model", policy, "--prompts", train_prompts, "--output", generations, "--seed", str(it),
-                             "--num_samples", str(num_samples), "--max_new_tokens", str(max_new_tokens)], generations + ".log")
+        run_stage(
+            generate,
+            [
+                "--model",
+                policy,
+                "--prompts",
+                train_prompts,
+                "--output",
+                generations,
+                "--seed",
+                str(it),
+                "--num_samples",
+                str(num_samples),
+                "--max_new_tokens",
+                str(max_new_tokens),
+            ],
+            generations + ".log",
+        )
         # a random tiny model rarely ends its turn within max_new_tokens: keep the cut responses
-        run_stage(score, ["--input", generations, "--output", pairs, "--reward_fn", f"{os.path.abspath(__file__)}:demo_reward",
-                          "--drop_truncated", "false"], pairs + ".log")
+        run_stage(
+            score,
+            [
+                "--input",
+                generations,
+                "--output",
+                pairs,
+                "--reward_fn",
+                f"{os.path.abspath(__file__)}:demo_reward",
+                "--drop_truncated",
+                "false",
+            ],
+            pairs + ".log",
+        )
         rows = read_jsonl(pairs)
         episodes = 2 * (len(rows) - 32) // 16 * 16  # two epochs of the pairs left after the eval hold-out
-        run_stage(rebel, ["--model", policy, "--dataset", pairs, "--output_dir", os.path.join(step, "train"), "--eta", str(eta),
-                          "--lr", "1e-3", "--batch_size", "16", "--micro_batch_size", "8", "--total_episodes", str(episodes),
-                          "--eval_size", "32", "--eval_every", "0", "--save_every", "0", "--activation_checkpointing", "false",
-                          "--seed", str(it)], os.path.join(step, "train.log"))
+        run_stage(
+            rebel,
+            [
+                "--model",
+                policy,
+                "--dataset",
+                pairs,
+                "--output_dir",
+                os.path.join(step, "train"),
+                "--eta",
+                str(eta),
+                "--lr",
+                "1e-3",
+                "--batch_size",
+                "16",
+                "--micro_batch_size",
+                "8",
+                "--total_episodes",
+                str(episodes),
+                "--eval_size",
+                "32",
+                "--eval_every",
+                "0",
+                "--save_every",
+                "0",
+                "--activation_checkpointing",
+                "false",
+                "--seed",
+                str(it),
+            ],
+            os.path.join(step, "train.log"),
+        )
         policy = os.path.join(step, "train", "final")
         metrics = read_jsonl(os.path.join(step, "train", "metrics.jsonl"))
         losses = [m["loss"] for m in metrics if "loss" in m]
-        table.append(dict(iteration=it, held_out_reward=held_out_reward(policy, eval_prompts, out, it, max_new_tokens=max_new_tokens),
-                          chosen_reward=sum(r["chosen_reward"] for r in rows) / len(rows),
-                          rejected_reward=sum(r["rejected_reward"] for r in rows) / len(rows), pairs=len(rows),
-                          train_loss=sum(losses[-4:]) / len(losses[-4:]), sign_align=[m for m in metrics if "sign_align" in m][-1]["sign_align"]))
-    print("\n| iteration | held-out reward | chosen reward | rejected reward | pairs | train loss (last 4) | val sign_align |\n"
-          "|---|---|---|---|---|---|---|")
+        table.append(
+            dict(
+                iteration=it,
+                held_out_reward=held_out_reward(policy, eval_prompts, out, it, max_new_tokens=max_new_tokens),
+                chosen_reward=sum(r["chosen_reward"] for r in rows) / len(rows),
+                rejected_reward=sum(r["rejected_reward"] for r in rows) / len(rows),
+                pairs=len(rows),
+                train_loss=sum(losses[-4:]) / len(losses[-4:]),
+                sign_align=[m for m in metrics if "sign_align" in m][-1]["sign_align"],
+            )
+        )
+    print(
+        "\n| iteration | held-out reward | chosen reward | rejected reward | pairs | train loss (last 4) | val"
+        " sign_align |\n|---|---|---|---|---|---|---|"
+    )
     for row in table:
         cells = [f"{row[k]:.3f}" if k in row else "" for k in ("chosen_reward", "rejected_reward")]
         extra = [str(row.get("pairs", "")), f"{row['train_loss']:.3f}" if "train_loss" in row else "",
                  f"{row['sign_align']:.3f}" if "sign_align" in row else ""]
         print(f"| {row['iteration']} | {row['held_out_reward']:.3f} | " + " | ".join(cells + extra) + " |")
     gain = table[-1]["held_out_reward"] - table[0]["held_out_reward"]
-    print(f"\nheld-out reward {table[0]['held_out_reward']:.3f} -> {table[-1]['held_out_reward']:.3f} ({gain:+.3f}) in {time.time() - start:.0f}s; "
-          f"models, data and logs in {out}/")
+    print(
+        f"\nheld-out reward {table[0]['held_out_reward']:.3f} -> {table[-1]['held_out_reward']:.3f} ({gain:+.3f}) in"
+        f" {time.time() - start:.0f}s; models, data and logs in {out}/"
+    )
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(table, f, indent=1)
     return table
 
 
-# ----------------------------------------------------------------------------- benchmark: RUN_BENCH=1 pytest -k bench -s
+# ---------------------------------------------------------------------------- benchmark: RUN_BENCH=1 pytest -k bench -s
 
 def alpaca_pairs(alpaca_eval, tokenizer, seed=0):
     """Real lengths: AlpacaEval instructions, chosen = Llama-3-8B-Instruct's answer, rejected = REBEL's answer."""
     rng = random.Random(seed)
     llama, rebel_answers = alpaca_eval
     from datasets import Dataset
-    rows = Dataset.from_list([dict(prompt=a["instruction"], chosen=a["output"], rejected=b["output"],
-                                   chosen_reward=rng.random(), rejected_reward=rng.random()) for a, b in zip(llama, rebel_answers)])
+    rows = Dataset.from_list(
+        [
+            dict(
+                prompt=a["instruction"],
+                chosen=a["output"],
+                rejected=b["output"],
+                chosen_reward=rng.random(),
+                rejected_reward=rng.random(),
+            )
+            for a, b in zip(llama, rebel_answers)
+        ]
+    )
     pairs = rebel.tokenize_pairs(rows, tokenizer, "alpaca_eval", len(tokenizer))
     return rebel.filter_by_length(pairs, BENCH_MAX_PROMPT, BENCH_MAX_RESPONSE, "alpaca_eval")
 
@@ -2174,20 +3121,32 @@ def padded_full_logprobs(model, pair, temperature, pad_id):
         masks.append([0] * (BENCH_MAX_PROMPT - len(q)) + [1] * (len(q) + len(r)) + [0] * (BENCH_MAX_RESPONSE - len(r)))
     ids, attention = torch.tensor(rows), torch.tensor(masks)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids).logits[:, BENCH_MAX_PROMPT - 1:-1] / temperature
+    logits = (
+        model(input_ids=ids, attention_mask=attention, position_ids=position_ids).logits[:, BENCH_MAX_PROMPT - 1 : -1]
+        / temperature
+    )
     logprobs = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, BENCH_MAX_PROMPT:, None]).squeeze(-1)
     return (logprobs * attention[:, BENCH_MAX_PROMPT:]).sum(-1)
 
 
 def bench_model(vocab_size, seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).train()
 
 
 def memory_probe(method, tokenizer_dir, pairs_file):
-    """Peak resident memory (MB above the start) of one micro-batch's log-prob forward + backward at Llama-3's vocabulary."""
+    """Peak resident memory (MB above the start) of one micro-batch's log-prob forward + backward at Llama-3's
+    vocabulary."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pairs = json.load(open(pairs_file))
     model = bench_model(128256)
@@ -2198,7 +3157,11 @@ def memory_probe(method, tokenizer_dir, pairs_file):
         logps = rebel.response_logprobs(model, input_ids, positions, rows, 0.8, rebel.Config.logprob_chunk)
     else:  # full-vocabulary logits at every position, as HF's forward gives them
         logits = model(input_ids=input_ids).logits / 0.8
-        per_token = torch.log_softmax(logits.float(), -1).flatten(0, 1)[positions].gather(-1, input_ids.flatten()[positions + 1, None])
+        per_token = (
+            torch.log_softmax(logits.float(), -1)
+            .flatten(0, 1)[positions]
+            .gather(-1, input_ids.flatten()[positions + 1, None])
+        )
         logps = torch.zeros(len(input_ids)).index_add(0, rows, per_token.squeeze(-1))
     logps.sum().backward()
     peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
@@ -2231,12 +3194,27 @@ def bench_rows(tmp_path, tokenizer, pairs, llama, gsm8k):
                  response_tokens([pairs[i] for i in batch]) / ours, "{:.0f}"))
 
     # 2. peak memory of one micro-batch's log-prob forward + backward at vocabulary 128,256, each in a fresh process
-    middle = sorted(range(len(pairs)), key=lambda i: rebel.pair_tokens(pairs[i]))[len(pairs) // 2:][:cfg.micro_batch_size]
+    middle = sorted(range(len(pairs)), key=lambda i: rebel.pair_tokens(pairs[i]))[len(pairs) // 2 :][
+        : cfg.micro_batch_size
+    ]
     json.dump([pairs[i] for i in middle], open(tmp_path / "mb.json", "w"))
-    peak = {m: json.loads(subprocess.run([sys.executable, __file__, "memory_probe", m, str(tmp_path / "tok"), str(tmp_path / "mb.json")],
-                                         capture_output=True, text=True, check=True, cwd=HERE).stdout.strip().splitlines()[-1])["peak_mb"]
-            for m in ("full", "chunked")}
-    rows.append((f"log-prob peak memory, {cfg.micro_batch_size} pairs, vocab 128k", peak["full"], peak["chunked"], "{:.0f} MB"))
+    peak = {
+        m: json.loads(
+            subprocess.run(
+                [sys.executable, __file__, "memory_probe", m, str(tmp_path / "tok"), str(tmp_path / "mb.json")],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=HERE,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )["peak_mb"]
+        for m in ("full", "chunked")
+    }
+    rows.append(
+        (f"log-prob peak memory, {cfg.micro_batch_size} pairs, vocab 128k", peak["full"], peak["chunked"], "{:.0f} MB")
+    )
 
     # 3. reference pass: batched, no grad, against one sequence per forward padded to the maxima (the authors')
     with torch.no_grad():
@@ -2261,7 +3239,11 @@ def bench_rows(tmp_path, tokenizer, pairs, llama, gsm8k):
     for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:4]])):
         start, tokens = time.time(), 0
         for group in groups:
-            tokens += sum(n for samples in generate.hf_sample(model, tokenizer, group, settings, stop_ids, 0) for _, _, n, _ in samples)
+            tokens += sum(
+                n
+                for samples in generate.hf_sample(model, tokenizer, group, settings, stop_ids, 0)
+                for _, _, n, _ in samples
+            )
         timed[name] = tokens / (time.time() - start)
     rows.append(("generate.py, 5 samples per prompt (new tokens/s)", timed["one"], timed["batched"], "{:.0f}"))
     gsm8k_train, gsm8k_test = gsm8k
@@ -2278,14 +3260,19 @@ def bench_rows(tmp_path, tokenizer, pairs, llama, gsm8k):
 
 def print_table(runs):
     """Each measure's median over the runs, with its range (min–max); the ratio is this repo's over the baseline's."""
-    spread = lambda values, fmt: f"{fmt.format(statistics.median(values))} ({fmt.format(min(values)).split()[0]}–{fmt.format(max(values))})"  # noqa: E731
+    spread = lambda values, fmt: (
+        f"{fmt.format(statistics.median(values))} ({fmt.format(min(values)).split()[0]}–{fmt.format(max(values))})"
+    )  # noqa: E731
     print(f"\nmedians of {len(runs)} runs (min–max)\n| measure | baseline | this repo | ratio |\n|---|---|---|---|")
     for k, (name, _, _, fmt) in enumerate(runs[0]):
         base, ours = [run[k][1] for run in runs], [run[k][2] for run in runs]
-        print(f"| {name} | {spread(base, fmt)} | {spread(ours, fmt)} | {spread([o / b for o, b in zip(ours, base)], '{:.2f}')} |")
+        print(
+            f"| {name} | {spread(base, fmt)} | {spread(ours, fmt)} |"
+            f" {spread([o / b for o, b in zip(ours, base)], '{:.2f}')} |"
+        )
 
 
-# ----------------------------------------------------------------------------- GPU check: python test_rebel.py gpu [folder]
+# ------------------------------------------------------------------------- GPU check: python test_rebel.py gpu [folder]
 #
 # One prepared command for a machine with one CUDA GPU, no internet and nothing downloaded (GPU time is rare and short):
 # rebel.py end to end under torchrun (NCCL, bf16), bf16 against fp32 log-probs, training and reference-pass throughput
@@ -2297,7 +3284,8 @@ def print_table(runs):
 # Lengths (templated prompt, chosen, rejected; Llama-3 tokens, end-of-turn included) of 64 of the 805 AlpacaEval pairs
 # in ../shared/data/alpaca_eval (chosen: Meta-Llama-3-8B-Instruct's answer, rejected: REBEL-Llama-3-8B-Instruct-Armo's):
 # those at evenly spaced quantiles of 2·prompt + chosen + rejected, in seeded random order. Measured once with the real
-# Llama-3 tokenizer (its tiktoken ranks from meta-llama/llama-models, its split pattern and chat template): 927 tokens per
+# Llama-3 tokenizer (its tiktoken ranks from meta-llama/llama-models, its split pattern and chat template): 927 tokens
+# per
 # pair for these 64 as for all 805, longest response 1,669. GSM8K, likewise: 59 tokens per question, 100 per answer.
 ALPACA_EVAL_LENGTHS = [
     (59, 490, 308), (43, 377, 431), (19, 437, 339), (19, 399, 558), (17, 450, 550), (17, 772, 809), (51, 391, 287),
@@ -2311,30 +3299,78 @@ ALPACA_EVAL_LENGTHS = [
     (18, 444, 480), (19, 447, 489), (26, 208, 324), (39, 45, 65), (29, 415, 379), (35, 653, 719), (39, 642, 520),
     (46, 567, 596)]
 GSM8K_LENGTHS = (59, 100)
-LLAMA_3_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                  num_key_value_heads=8, tie_word_embeddings=True)  # Llama-3.2-1B
-LLAMA_3_8B = dict(LLAMA_3_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False)
+LLAMA_3_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+)  # Llama-3.2-1B
+LLAMA_3_8B = dict(
+    LLAMA_3_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False
+)
 TINY = dict(vocab_size=1024, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
 GPU_SIZES = dict(
     budget=dict(setup=25, correctness=140, llama_1b=115, slice_8b=100, generation=70),  # seconds: 450 in all
-    small=dict(hidden=256, layers=4, heads=4, kv_heads=2), llama_1b=LLAMA_3_1B, llama_8b=LLAMA_3_8B, slice_layers=(2, 4),
-    pairs=64, length_scale=1.0, update_pairs=16, micro_batch_sizes=(1, 2, 4), eval_micro_batch_size=8, matmul=8192,
-    gen_prompts=16, gen_single=3, new_tokens=128, gsm8k_questions=32, gsm8k_new_tokens=256, torchrun=True)
+    small=dict(hidden=256, layers=4, heads=4, kv_heads=2),
+    llama_1b=LLAMA_3_1B,
+    llama_8b=LLAMA_3_8B,
+    slice_layers=(2, 4),
+    pairs=64,
+    length_scale=1.0,
+    update_pairs=16,
+    micro_batch_sizes=(1, 2, 4),
+    eval_micro_batch_size=8,
+    matmul=8192,
+    gen_prompts=16,
+    gen_single=3,
+    new_tokens=128,
+    gsm8k_questions=32,
+    gsm8k_new_tokens=256,
+    torchrun=True,
+)
 SMOKE_SIZES = dict(
-    GPU_SIZES, budget=dict(setup=60, correctness=120, llama_1b=60, slice_8b=60, generation=60), small=dict(hidden=32, layers=2),
+    GPU_SIZES,
+    budget=dict(setup=60, correctness=120, llama_1b=60, slice_8b=60, generation=60),
+    small=dict(hidden=32, layers=2),
     llama_1b=dict(LLAMA_3_1B, **TINY, intermediate_size=64, num_hidden_layers=2),
-    llama_8b=dict(LLAMA_3_8B, **TINY, intermediate_size=112), slice_layers=(1, 2), pairs=8, length_scale=1 / 32,
-    update_pairs=4, micro_batch_sizes=(1, 2), eval_micro_batch_size=4, matmul=64, gen_prompts=2, gen_single=1, new_tokens=3,
-    gsm8k_questions=2, gsm8k_new_tokens=3, torchrun=False)
+    llama_8b=dict(LLAMA_3_8B, **TINY, intermediate_size=112),
+    slice_layers=(1, 2),
+    pairs=8,
+    length_scale=1 / 32,
+    update_pairs=4,
+    micro_batch_sizes=(1, 2),
+    eval_micro_batch_size=4,
+    matmul=64,
+    gen_prompts=2,
+    gen_single=1,
+    new_tokens=3,
+    gsm8k_questions=2,
+    gsm8k_new_tokens=3,
+    torchrun=False,
+)
 # dense bf16 tensor-core FLOP/s from NVIDIA's datasheets (half their with-sparsity figures); the first name found counts
-SPEC_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                   ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12))
+SPEC_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+)
 PER_TOKEN_BF16 = 0.02  # nats: |log π bf16 − log π fp32| of a sequence may be at most this × its response tokens
 DRIFT = 0.02  # ‖w_a − w_b‖ / ‖w_a − w_start‖ allowed between two runs that should end with the same weights
 NCCL_BYTES_PER_S = 350e9  # assumed all-gather/reduce-scatter bus bandwidth of 8 × H100/H200 SXM (NVLink); not measured
-NO_DATASETS = ("`datasets` cannot be imported here ({}); rebel.py reads its data with it, so the section 'correctness' is "
-               "skipped.\n  Fix: on a machine with pip, `bash .ci/gpu fetch` downloads the wheels that this GPU image lacks "
-               "(datasets, dill, multiprocess; Python 3.12) into .whl/; carry .whl and run `bash .ci/gpu`, which installs them.")
+NO_DATASETS = (
+    "`datasets` cannot be imported here ({}); rebel.py reads its data with it, so the section 'correctness' is "
+    "skipped.\n  Fix: on a machine with pip, `bash .ci/gpu fetch` downloads the wheels that this GPU image lacks "
+    "(datasets, dill, multiprocess; Python 3.12) into .whl/; carry .whl and run `bash .ci/gpu`, which installs them."
+)
 
 
 def gpu_run(device):
@@ -2343,7 +3379,8 @@ def gpu_run(device):
 
 
 def measure(device, fn):
-    """(seconds, bytes allocated before, peak bytes allocated during, fn()), the GPU's queued work included; memory on GPU only."""
+    """(seconds, bytes allocated before, peak bytes allocated during, fn()), the GPU's queued work included; memory on
+    GPU only."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -2362,7 +3399,8 @@ def say(ctx, text):
 
 
 def row(ctx, measure, value, target="", ok=None, asserted=True):
-    """A line of the table: a check (asserted: a failure fails the command), a target (recorded only) or, ok=None, a measure."""
+    """A line of the table: a check (asserted: a failure fails the command), a target (recorded only) or, ok=None, a
+    measure."""
     status = "" if ok is None else ("pass" if ok else "FAIL") if asserted else ("met" if ok else "missed")
     ctx.report["table"].append(dict(section=ctx.section, measure=measure, value=value, target=target, status=status))
     say(ctx, f"  {measure}: {value}" + "".join(f" | {x}" for x in (target, status) if x))
@@ -2373,7 +3411,8 @@ def save(ctx):
 
 
 def run_section(ctx, name, fn):
-    """fn(ctx) within its time budget (an alarm ends it; subprocesses get the time left). A failure ends this section only."""
+    """fn(ctx) within its time budget (an alarm ends it; subprocesses get the time left). A failure ends this section
+    only."""
     budget = ctx.sizes["budget"][name]
     ctx.section, ctx.out, ctx.deadline = name, ctx.report["sections"].setdefault(name, {}), time.time() + budget
     say(ctx, f"\n== {name} (budget {budget} s)")
@@ -2384,7 +3423,9 @@ def run_section(ctx, name, fn):
     signal.alarm(budget)
     try:
         fn(ctx)
-    except Exception as e:  # noqa: BLE001 — an out-of-memory, a crash or the budget: recorded, and the next section runs
+    except (
+        Exception
+    ) as e:  # noqa: BLE001 — an out-of-memory, a crash or the budget: recorded, and the next section runs
         say(ctx, traceback.format_exc(limit=-4))
         row(ctx, "section ran to its end", ctx.out.setdefault("error", f"{type(e).__name__}: {e}"), ok=False)
     finally:
@@ -2402,7 +3443,9 @@ def run_section(ctx, name, fn):
 
 def launch(ctx, module, argv, name):
     """A script's command line, within the section's time left: under torchrun (rebel.py) or python, in its own process
-    group, killed whole at the deadline; in the CPU smoke (torchrun=False), in this process. Returns (0 or why not, log)."""
+    group, killed whole at the deadline; in the CPU smoke (torchrun=False), in this process. Returns (0 or why not,
+    log).
+    """
     log = os.path.join(ctx.scratch, f"{name}.log")
     if not ctx.sizes["torchrun"]:
         try:
@@ -2414,8 +3457,14 @@ def launch(ctx, module, argv, name):
         runner = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if module is rebel else []
         env = dict(os.environ, **{"OMP_NUM_THREADS": "1"} if ctx.device.type == "cpu" else {})
         with open(log, "w") as f:
-            process = subprocess.Popen([sys.executable, *runner, os.path.join(HERE, f"{module.__name__}.py"), *argv], cwd=HERE,
-                                       env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, *runner, os.path.join(HERE, f"{module.__name__}.py"), *argv],
+                cwd=HERE,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 code = process.wait(timeout=max(1.0, ctx.deadline - time.time() - 5))
             except subprocess.TimeoutExpired:
@@ -2430,9 +3479,11 @@ def launch(ctx, module, argv, name):
 
 
 def save_random_llama(ctx, name, shape):
-    """A random Llama-3-shaped checkpoint (bf16, as Meta ships them; Llama-3's rope θ and stop tokens), initialised on the
+    """A random Llama-3-shaped checkpoint (bf16, as Meta ships them; Llama-3's rope θ and stop tokens), initialised on
+    the
     device (fast) and saved like a Hub checkpoint, so that it loads the real way. Its tokenizer is the test tokenizer
-    padded to the model's vocabulary by filler tokens that no merge makes: encoding is unchanged, and every id decodes."""
+    padded to the model's vocabulary by filler tokens that no merge makes: encoding is unchanged, and every id decodes.
+    """
     path = os.path.join(ctx.scratch, name)
     make_tokenizer(path)
     spec = json.load(open(os.path.join(path, "tokenizer.json")))
@@ -2441,7 +3492,9 @@ def save_random_llama(ctx, name, shape):
     json.dump(spec, open(os.path.join(path, "tokenizer.json"), "w"))
     special = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
     bos, end, eot = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(special)
-    config = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=bos, eos_token_id=[end, eot])
+    config = LlamaConfig(
+        **shape, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=bos, eos_token_id=[end, eot]
+    )
     torch.manual_seed(0)
     with torch.device(ctx.device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(ctx.device)
@@ -2456,8 +3509,17 @@ def random_pairs(ctx, lengths, vocab_size, seed=0):
 
     def ids(n):
         return torch.randint(5, vocab_size, (max(1, round(n * ctx.sizes["length_scale"])),), generator=g).tolist()
-    return [dict(index=i, prompt_ids=ids(p), chosen_ids=ids(c), rejected_ids=ids(r), chosen_reward=torch.rand(1, generator=g).item(),
-                 rejected_reward=torch.rand(1, generator=g).item()) for i, (p, c, r) in enumerate(lengths)]
+    return [
+        dict(
+            index=i,
+            prompt_ids=ids(p),
+            chosen_ids=ids(c),
+            rejected_ids=ids(r),
+            chosen_reward=torch.rand(1, generator=g).item(),
+            rejected_reward=torch.rand(1, generator=g).item(),
+        )
+        for i, (p, c, r) in enumerate(lengths)
+    ]
 
 
 def layer_params(shape):
@@ -2471,14 +3533,17 @@ def model_params(shape):
 
 
 def forward_flops(pairs, shape, head_only=False):
-    """Forward FLOPs of these pairs as rebel.py computes them: 2 per decoder-layer parameter and real token (padding is no
+    """Forward FLOPs of these pairs as rebel.py computes them: 2 per decoder-layer parameter and real token (padding is
+    no
     useful work), the lm_head at response tokens only (the chunked log-probs), causal attention (QKᵀ and A·V over the
     T(T+1)/2 position pairs: 2·hidden·T(T+1) per layer). Backward costs twice the forward. head_only: the lm_head's."""
     d, layers, total = shape["hidden_size"], shape["num_hidden_layers"] * (not head_only), 0
     for p in pairs:
         for response in (p["chosen_ids"], p["rejected_ids"]):
             t = len(p["prompt_ids"]) + len(response)
-            total += 2 * layers * (layer_params(shape) * t + d * t * (t + 1)) + 2 * shape["vocab_size"] * d * len(response)
+            total += 2 * layers * (layer_params(shape) * t + d * t * (t + 1)) + 2 * shape["vocab_size"] * d * len(
+                response
+            )
     return total
 
 
@@ -2492,19 +3557,25 @@ def build(cfg, device):
 def set_checkpointing(model, on):
     """Activation checkpointing on or off on a built model, under the name this transformers has."""
     if on:
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)({"use_reentrant": False})
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
+            {"use_reentrant": False}
+        )
     else:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     assert all(layer.gradient_checkpointing == on for layer in model.get_decoder().layers)
 
 
 def logprobs(ctx, model, group, cfg):
-    """rebel.py's log-probs of a micro-batch (model.response_logprobs, as build_model attaches it): chosen, then rejected."""
-    return model.response_logprobs(*rebel.to_device(rebel.collate(group, 0), ctx.device), cfg.temperature, cfg.logprob_chunk)
+    """rebel.py's log-probs of a micro-batch (model.response_logprobs, as build_model attaches it): chosen, then
+    rejected."""
+    return model.response_logprobs(
+        *rebel.to_device(rebel.collate(group, 0), ctx.device), cfg.temperature, cfg.logprob_chunk
+    )
 
 
 def time_training(ctx, model, optimizer, pairs, micro_batch_size, cfg):
-    """rebel.main's update, timed: updates of update_pairs pairs (the paper's 128 per update over 8 GPUs = 16), sorted by
+    """rebel.main's update, timed: updates of update_pairs pairs (the paper's 128 per update over 8 GPUs = 16), sorted
+    by
     length into micro-batches; per micro-batch the log-probs, the loss and its backward; the gradient norm; AdamW. One
     warm-up update first. Returns seconds (in all, in optimizer steps), updates and peak bytes allocated."""
     size = ctx.sizes["update_pairs"]
@@ -2512,8 +3583,10 @@ def time_training(ctx, model, optimizer, pairs, micro_batch_size, cfg):
     def update(batch):
         for group in rebel.micro_batches(batch, range(len(batch)), micro_batch_size):
             logps = logprobs(ctx, model, group, cfg)
-            reward_c, reward_r = rebel.to_device([torch.tensor([[p["chosen_reward"], p["rejected_reward"]] for p in group],
-                                                               dtype=torch.float64)], ctx.device)[0].T
+            reward_c, reward_r = rebel.to_device(
+                [torch.tensor([[p["chosen_reward"], p["rejected_reward"]] for p in group], dtype=torch.float64)],
+                ctx.device,
+            )[0].T
             logp_c, logp_r = logps.double().view(2, len(group))
             (rebel.rebel_loss(logp_c, logp_r, 0.0, 0.0, reward_c, reward_r, cfg.eta).sum() / size).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
@@ -2521,19 +3594,23 @@ def time_training(ctx, model, optimizer, pairs, micro_batch_size, cfg):
         optimizer.zero_grad(set_to_none=True)
         return step
     update(pairs[:size])
-    seconds, _, peak, in_steps = measure(ctx.device, lambda: sum(update(pairs[s:s + size]) for s in range(0, len(pairs), size)))
+    seconds, _, peak, in_steps = measure(
+        ctx.device, lambda: sum(update(pairs[s : s + size]) for s in range(0, len(pairs), size))
+    )
     return dict(seconds=seconds, optimizer_seconds=in_steps, updates=math.ceil(len(pairs) / size), peak_bytes=peak)
 
 
 def time_reference(ctx, model, pairs, cfg):
-    """Seconds of rebel.py's reference pass over the pairs (all_logprobs: no grad, eval_micro_batch_size per forward)."""
+    """Seconds of rebel.py's reference pass over the pairs (all_logprobs: no grad, eval_micro_batch_size per
+    forward)."""
     rebel.all_logprobs(model, pairs[:ctx.sizes["update_pairs"]], cfg, gpu_run(ctx.device), "warm-up")
     return measure(ctx.device, lambda: rebel.all_logprobs(model, pairs, cfg, gpu_run(ctx.device), "reference pass"))[0]
 
 
 def working_memory(ctx, model, group, cfg):
     """Peak bytes above the resident state (fp32 weights, gradients, Adam moments) of one micro-batch's forward and
-    backward: activations, checkpoints, gathered bf16 weights, logit chunks. Measured on a second pass, when the gradients
+    backward: activations, checkpoints, gathered bf16 weights, logit chunks. Measured on a second pass, when the
+    gradients
     exist, as from an update's second micro-batch on."""
     def step():
         logprobs(ctx, model, group, cfg).sum().backward()
@@ -2547,9 +3624,16 @@ def gpu_setup(ctx):
     cuda, n = ctx.device.type == "cuda", ctx.sizes["matmul"]
     props = torch.cuda.get_device_properties(ctx.device) if cuda else None
     name = props.name if cuda else "cpu"
-    ctx.out.update(device=name, memory_gb=props.total_memory / 1e9 if cuda else None, datasets=None, torch=torch.__version__,
-                   cuda=torch.version.cuda, transformers=transformers.__version__, python=sys.version.split()[0],
-                   float32_matmul_precision=torch.get_float32_matmul_precision())
+    ctx.out.update(
+        device=name,
+        memory_gb=props.total_memory / 1e9 if cuda else None,
+        datasets=None,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        transformers=transformers.__version__,
+        python=sys.version.split()[0],
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+    )
     try:
         import datasets
         ctx.out["datasets"] = datasets.__version__
@@ -2574,8 +3658,12 @@ def gpu_correctness(ctx):
     small = make_model(os.path.join(ctx.scratch, "small"), **ctx.sizes["small"])
     data = write_pairs(os.path.join(ctx.scratch, "pairs.jsonl"), n=40)
     settings = dict(TRAIN_SETTINGS, model=small, dataset=data, total_episodes=48, eta=1000.0, dtype="auto")
-    runs = dict(ac_on=dict(activation_checkpointing=True), ac_off=dict(activation_checkpointing=False),
-                stopped=dict(activation_checkpointing=True, stop_after=3), resumed=dict(activation_checkpointing=True, resume=True))
+    runs = dict(
+        ac_on=dict(activation_checkpointing=True),
+        ac_off=dict(activation_checkpointing=False),
+        stopped=dict(activation_checkpointing=True, stop_after=3),
+        resumed=dict(activation_checkpointing=True, resume=True),
+    )
     logs = {}
     for name, extra in runs.items():
         out = os.path.join(ctx.scratch, "stopped" if name == "resumed" else name)
@@ -2588,21 +3676,32 @@ def gpu_correctness(ctx):
     row(ctx, "--dtype auto computes in", f"{dtype} on {ctx.device.type}",
         ok=f"device {ctx.device.type} | compute dtype {dtype}" in header)
 
-    # update 1: policy = reference, so loss = mean((η·Δr)²) up to the bf16 noise δ of the log-ratios (same weights, other
+    # update 1: policy = reference, so loss = mean((η·Δr)²) up to the bf16 noise δ of the log-ratios (same weights,
+    # other
     # batch shapes): |mean((δ − ηΔr)²) − mean((ηΔr)²)| ≤ 2·D·mean|ηΔr| + D², with |δ| ≤ D = PER_TOKEN_BF16 × response
     # tokens
     rows, seed = read_jsonl(data), torch.Generator().manual_seed(settings["seed"])
     held = set(torch.randperm(len(rows), generator=seed)[:settings["eval_size"]].tolist())
     train_rows = [r for i, r in enumerate(rows) if i not in held]  # as rebel.load_pairs holds out the eval rows
     batch = [train_rows[i] for i in rebel.global_batch(len(train_rows), settings["batch_size"], 0, settings["seed"])]
-    gaps = torch.tensor([settings["eta"] * (r["chosen_reward"] - r["rejected_reward"]) for r in batch], dtype=torch.float64)
+    gaps = torch.tensor(
+        [settings["eta"] * (r["chosen_reward"] - r["rejected_reward"]) for r in batch], dtype=torch.float64
+    )
     tokenizer = AutoTokenizer.from_pretrained(small)
-    tokens = max(sum(len(tokenizer(r[k], add_special_tokens=False)["input_ids"]) + 1 for k in ("chosen", "rejected")) for r in batch)
+    tokens = max(
+        sum(len(tokenizer(r[k], add_special_tokens=False)["input_ids"]) + 1 for k in ("chosen", "rejected"))
+        for r in batch
+    )
     most, expected = PER_TOKEN_BF16 * tokens, gaps.pow(2).mean().item()
     bound = 2 * most * gaps.abs().mean().item() + most ** 2
     first = next(r for r in read_jsonl(os.path.join(ctx.scratch, "ac_on", "metrics.jsonl")) if "loss" in r)
-    row(ctx, "update-1 loss against mean((η·Δr)²)", f"relative error {abs(first['loss'] - expected) / expected:.2e}",
-        f"≤ {bound / expected:.2e} ({PER_TOKEN_BF16} nats × {tokens} tokens)", ok=abs(first["loss"] - expected) <= bound)
+    row(
+        ctx,
+        "update-1 loss against mean((η·Δr)²)",
+        f"relative error {abs(first['loss'] - expected) / expected:.2e}",
+        f"≤ {bound / expected:.2e} ({PER_TOKEN_BF16} nats × {tokens} tokens)",
+        ok=abs(first["loss"] - expected) <= bound,
+    )
 
     final = {name: os.path.join(ctx.scratch, "stopped" if name == "resumed" else name, "final") for name in runs}
     reloaded = AutoModelForCausalLM.from_pretrained(final["ac_on"]).to(ctx.device)
@@ -2612,20 +3711,29 @@ def gpu_correctness(ctx):
         ok=finite and reloaded.dtype == torch.float32)
     weights = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in final.items()}
     start = load_file(os.path.join(small, "model.safetensors"))
-    for b, what in (("ac_off", "activation checkpointing off vs on"), ("resumed", "--stop_after 3 + --resume vs uninterrupted")):
+    for b, what in (
+        ("ac_off", "activation checkpointing off vs on"),
+        ("resumed", "--stop_after 3 + --resume vs uninterrupted"),
+    ):
         a = weights["ac_on"]
         drift = (sum((a[k].double() - weights[b][k].double()).pow(2).sum() for k in start)
                  / sum((a[k].double() - start[k].double()).pow(2).sum() for k in start)).sqrt().item()
         same = sum((a[k] == weights[b][k]).sum().item() for k in start) / sum(t.numel() for t in start.values())
         ctx.out[f"drift_{b}"] = drift
-        row(ctx, f"final weights, {what}", f"‖Δ‖ / ‖trained‖ = {drift:.1e}, {same:.1%} bit-identical", f"≤ {DRIFT}",
-            ok=drift <= DRIFT)
+        row(
+            ctx,
+            f"final weights, {what}",
+            f"‖Δ‖ / ‖trained‖ = {drift:.1e}, {same:.1%} bit-identical",
+            f"≤ {DRIFT}",
+            ok=drift <= DRIFT,
+        )
     reused = "reference log-probs: reusing" in open(logs["resumed"]).read()
     row(ctx, "the resumed run reused the cached reference log-probs", "yes" if reused else "no", ok=reused)
 
 
 def gpu_llama_1b(ctx):
-    """Llama-3.2-1B shape, random weights, AlpacaEval-length pairs: bf16 vs fp32 log-probs, reference pass, training step."""
+    """Llama-3.2-1B shape, random weights, AlpacaEval-length pairs: bf16 vs fp32 log-probs, reference pass, training
+    step."""
     s, device, shape = ctx.sizes, ctx.device, ctx.sizes["llama_1b"]
     ctx.llama_1b = folder = save_random_llama(ctx, "llama_1b", shape)
     rebel.init_distributed()
@@ -2633,31 +3741,50 @@ def gpu_llama_1b(ctx):
     pairs, size = random_pairs(ctx, ALPACA_EVAL_LENGTHS[:s["pairs"]], shape["vocab_size"]), s["update_pairs"]
     tokens, flops = sum(map(rebel.pair_tokens, pairs)), forward_flops(pairs, shape)
 
-    # bf16 against fp32 log-probs, same weights and pairs. bf16 keeps 8 significant bits (relative rounding 2⁻⁹ ≈ 0.002),
+    # bf16 against fp32 log-probs, same weights and pairs. bf16 keeps 8 significant bits (relative rounding 2⁻⁹ ≈
+    # 0.002),
     # the residual stream picks up such an error at every layer and the logits are rounded to bf16 before the fp32
     # log-softmax; the errors' signs vary, so a sequence's sum grows slower than its length. Measured on CPU (random
     # Llama, 16 layers of width 1,024, vocabulary 128,256, AlpacaEval lengths): 2e-4 to 1.1e-3 nats per response token.
     # PER_TOKEN_BF16 = 0.02 leaves ~20× for the GPU's kernels and twice the width, while a bug is beyond it: another
-    # temperature moves even this random model's log-probs by ~0.1-0.2 nats per token, a token too many or missing by ≈ ln V ≈ 12.
+    # temperature moves even this random model's log-probs by ~0.1-0.2 nats per token, a token too many or missing by ≈
+    # ln V ≈ 12.
     plain, fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device), {}
     plain.response_logprobs = rebel.response_logprobs.__get__(plain)
     with torch.no_grad():
         for group in rebel.micro_batches(pairs, range(len(pairs)), cfg.eval_micro_batch_size):
-            fp32.update({p["index"]: pair for p, pair in zip(group, logprobs(ctx, plain, group, cfg).view(2, -1).T.tolist())})
+            fp32.update(
+                {p["index"]: pair for p, pair in zip(group, logprobs(ctx, plain, group, cfg).view(2, -1).T.tolist())}
+            )
     del plain
     gc.collect()  # (the method attached above makes a reference cycle): its memory must not count in the peaks below
     model, optimizer = build(cfg, device)
     bf16 = rebel.all_logprobs(model, pairs, cfg, gpu_run(device), "bf16 log-probs")
-    diff = torch.tensor([abs(bf16[p["index"]][k] - fp32[p["index"]][k]) for p in pairs for k in (0, 1)], dtype=torch.float64)
-    per_token = diff / torch.tensor([len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")], dtype=torch.float64)
+    diff = torch.tensor(
+        [abs(bf16[p["index"]][k] - fp32[p["index"]][k]) for p in pairs for k in (0, 1)], dtype=torch.float64
+    )
+    per_token = diff / torch.tensor(
+        [len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")], dtype=torch.float64
+    )
     levels = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)
-    ctx.out.update(bf16_fp32_abs=diff.quantile(levels).tolist(), bf16_fp32_per_token=per_token.quantile(levels).tolist())
-    row(ctx, "bf16 − fp32 log-prob of a sequence, abs. p50/p90/p99/max", " / ".join(f"{v:.3g}" for v in ctx.out["bf16_fp32_abs"]),
-        "nats")
+    ctx.out.update(
+        bf16_fp32_abs=diff.quantile(levels).tolist(), bf16_fp32_per_token=per_token.quantile(levels).tolist()
+    )
+    row(
+        ctx,
+        "bf16 − fp32 log-prob of a sequence, abs. p50/p90/p99/max",
+        " / ".join(f"{v:.3g}" for v in ctx.out["bf16_fp32_abs"]),
+        "nats",
+    )
     row(ctx, "  the same per response token", " / ".join(f"{v:.2g}" for v in ctx.out["bf16_fp32_per_token"]),
         f"max ≤ {PER_TOKEN_BF16}", ok=per_token.max().item() <= PER_TOKEN_BF16)
-    row(ctx, "bf16 compute is on; master weights fp32", f"median difference {diff.median().item():.2g}", "> 1e-4; all parameters fp32",
-        ok=diff.median().item() > 1e-4 and all(p.dtype == torch.float32 for p in model.parameters()))
+    row(
+        ctx,
+        "bf16 compute is on; master weights fp32",
+        f"median difference {diff.median().item():.2g}",
+        "> 1e-4; all parameters fp32",
+        ok=diff.median().item() > 1e-4 and all(p.dtype == torch.float32 for p in model.parameters()),
+    )
 
     seconds = time_reference(ctx, model, pairs, cfg)
     reference = ctx.out["reference_pairs_per_s"] = len(pairs) / seconds
@@ -2668,7 +3795,8 @@ def gpu_llama_1b(ctx):
         set_checkpointing(model, checkpointing)
         for mb in s["micro_batch_sizes"]:
             m = time_training(ctx, model, optimizer, pairs, mb, cfg)
-            # hardware FLOPs add the recomputed forwards: of the lm_head chunks always, of the decoder layers with checkpointing
+            # hardware FLOPs add the recomputed forwards: of the lm_head chunks always, of the decoder layers with
+            # checkpointing
             hardware = 3 * flops + (flops if checkpointing else forward_flops(pairs, shape, head_only=True))
             padded = sum(rebel.collate(g, 0)[0].numel() for k in range(0, len(pairs), size)
                          for g in rebel.micro_batches(pairs[k:k + size], range(len(pairs[k:k + size])), mb))
@@ -2681,19 +3809,35 @@ def gpu_llama_1b(ctx):
                 f"{r['hardware_mfu']:.0%}), peak {r['peak_bytes'] / 1e9:.1f} GB, padding +{r['padding']:.0%}")
             save(ctx)
     best = max(runs.values(), key=lambda r: r["mfu"])
-    row(ctx, "best training MFU (of the measured bf16 peak)", f"{best['mfu']:.0%}" + (f"; {best['mfu'] * ctx.peak / ctx.spec:.0%} "
-        "of the datasheet's" if ctx.spec else ""), "≥ 45%", ok=best["mfu"] >= 0.45, asserted=False)
+    row(
+        ctx,
+        "best training MFU (of the measured bf16 peak)",
+        f"{best['mfu']:.0%}" + (f"; {best['mfu'] * ctx.peak / ctx.spec:.0%} of the datasheet's" if ctx.spec else ""),
+        "≥ 45%",
+        ok=best["mfu"] >= 0.45,
+        asserted=False,
+    )
     default = runs[f"mb{cfg.micro_batch_size}_ac_on"]["pairs_per_s"]
-    row(ctx, "reference pass / training (rebel.py's defaults)", f"{reference / default:.1f}×", "≥ 3×", ok=reference >= 3 * default,
-        asserted=False)
+    row(
+        ctx,
+        "reference pass / training (rebel.py's defaults)",
+        f"{reference / default:.1f}×",
+        "≥ 3×",
+        ok=reference >= 3 * default,
+        asserted=False,
+    )
 
 
 def gpu_slice_8b(ctx):
-    """A few Llama-3-8B layers (its width, heads and vocabulary), timed and measured at rebel.py's defaults (micro-batch 2,
-    checkpointing on) at two depths: per layer = the difference. The 8B model on 8 GPUs with FSDP is predicted from it."""
+    """A few Llama-3-8B layers (its width, heads and vocabulary), timed and measured at rebel.py's defaults
+    (micro-batch 2,
+    checkpointing on) at two depths: per layer = the difference. The 8B model on 8 GPUs with FSDP is predicted from it.
+    """
     s, device, shape = ctx.sizes, ctx.device, ctx.sizes["llama_8b"]
     rebel.init_distributed()
-    cfg, (lo, hi) = dataclasses.replace(rebel.Config(), eval_micro_batch_size=s["eval_micro_batch_size"]), sorted(s["slice_layers"])
+    cfg, (lo, hi) = dataclasses.replace(rebel.Config(), eval_micro_batch_size=s["eval_micro_batch_size"]), sorted(
+        s["slice_layers"]
+    )
     pairs, size = random_pairs(ctx, ALPACA_EVAL_LENGTHS[:s["pairs"]], shape["vocab_size"]), s["update_pairs"]
     longest = [(cfg.max_prompt_len, cfg.max_response_len, cfg.max_response_len)] * cfg.micro_batch_size
     longest = random_pairs(ctx, longest, shape["vocab_size"])
@@ -2703,55 +3847,104 @@ def gpu_slice_8b(ctx):
         model, optimizer = build(dataclasses.replace(cfg, model=folder), device)
         m = time_training(ctx, model, optimizer, pairs, cfg.micro_batch_size, cfg)
         reference = time_reference(ctx, model, pairs, cfg)
-        typical = working_memory(ctx, model, rebel.micro_batches(pairs[:size], range(size), cfg.micro_batch_size)[0], cfg)
+        typical = working_memory(
+            ctx, model, rebel.micro_batches(pairs[:size], range(size), cfg.micro_batch_size)[0], cfg
+        )
         try:
             worst = working_memory(ctx, model, longest, cfg)
         except torch.cuda.OutOfMemoryError:
             worst = None
-        optimizer_per_param = m["optimizer_seconds"] / m["updates"] / model_params(dict(shape, num_hidden_layers=layers))
+        optimizer_per_param = (
+            m["optimizer_seconds"] / m["updates"] / model_params(dict(shape, num_hidden_layers=layers))
+        )
         measured[layers] = r = ctx.out[f"layers_{layers}"] = dict(
-            train=(m["seconds"] - m["optimizer_seconds"]) / len(pairs), reference=reference / len(pairs), typical=typical, worst=worst,
-            optimizer_per_param=optimizer_per_param, peak_bytes=m["peak_bytes"])
-        row(ctx, f"slice of {layers} layers: s per pair, training / reference pass", f"{r['train']:.4f} / {r['reference']:.4f}; working "
-            f"memory {typical / 1e9:.2f} GB, {'OOM' if worst is None else f'{worst / 1e9:.2f} GB'} at the longest pairs")
-        row(ctx, f"  no out-of-memory: micro-batch 2, checkpointing, prompt {cfg.max_prompt_len} + response {cfg.max_response_len}",
-            "OOM" if worst is None else "none", "no OOM", ok=worst is not None, asserted=False)
+            train=(m["seconds"] - m["optimizer_seconds"]) / len(pairs),
+            reference=reference / len(pairs),
+            typical=typical,
+            worst=worst,
+            optimizer_per_param=optimizer_per_param,
+            peak_bytes=m["peak_bytes"],
+        )
+        row(
+            ctx,
+            f"slice of {layers} layers: s per pair, training / reference pass",
+            f"{r['train']:.4f} / {r['reference']:.4f}; working "
+            f"memory {typical / 1e9:.2f} GB, {'OOM' if worst is None else f'{worst / 1e9:.2f} GB'} at the longest"
+            " pairs",
+        )
+        row(
+            ctx,
+            f"  no out-of-memory: micro-batch 2, checkpointing, prompt {cfg.max_prompt_len} + response"
+            f" {cfg.max_response_len}",
+            "OOM" if worst is None else "none",
+            "no OOM",
+            ok=worst is not None,
+            asserted=False,
+        )
         del model, optimizer
         gc.collect()
-    # per GPU of 8 (FSDP): compute per pair = the rest + 32 layers; AdamW over 1/8 of the parameters; fp32 weights, gradients
-    # and both Adam moments sharded (16 bytes × 8.03e9 / 8); working memory = the rest + 32 layers' (activations saved by
-    # checkpointing, gathered weights, unsharded gradients before their reduce-scatter). Communication is not measured: the
+    # per GPU of 8 (FSDP): compute per pair = the rest + 32 layers; AdamW over 1/8 of the parameters; fp32 weights,
+    # gradients
+    # and both Adam moments sharded (16 bytes × 8.03e9 / 8); working memory = the rest + 32 layers' (activations saved
+    # by
+    # checkpointing, gathered weights, unsharded gradients before their reduce-scatter). Communication is not measured:
+    # the
     # prediction assumes FSDP overlaps it with compute, which the last row compares at an assumed bandwidth.
     gpus, n = 8, model_params(shape)
-    per_layer = {k: max(0.0, (measured[hi][k] - measured[lo][k]) / (hi - lo)) for k in ("train", "reference", "typical", "worst")
-                 if None not in (measured[lo][k], measured[hi][k])}
+    per_layer = {
+        k: max(0.0, (measured[hi][k] - measured[lo][k]) / (hi - lo))
+        for k in ("train", "reference", "typical", "worst")
+        if None not in (measured[lo][k], measured[hi][k])
+    }
     full = {k: measured[lo][k] + (shape["num_hidden_layers"] - lo) * per_layer[k] for k in per_layer}
     train = gpus * size / (size * full["train"] + measured[hi]["optimizer_per_param"] * n / gpus)
     reference, mfu = gpus / full["reference"], 3 * forward_flops(pairs, shape) / len(pairs) * train / gpus / ctx.peak
     memory, longest_memory = 16 * n / gpus + full["typical"], 16 * n / gpus + full.get("worst", math.nan)
-    ctx.out["predicted_8b"] = dict(train_pairs_per_s=train, reference_pairs_per_s=reference, mfu=mfu, memory_bytes=memory,
-                                   longest_memory_bytes=longest_memory)
-    row(ctx, "8B on 8 GPUs, FSDP (extrapolated from the slice)", f"training {train:.1f} pairs/s (MFU {mfu:.0%}), reference "
-        f"{reference:.1f} pairs/s; 60,000 pairs: {60000 / train / 60:.0f} min + {60000 / reference / 60:.0f} min reference")
+    ctx.out["predicted_8b"] = dict(
+        train_pairs_per_s=train,
+        reference_pairs_per_s=reference,
+        mfu=mfu,
+        memory_bytes=memory,
+        longest_memory_bytes=longest_memory,
+    )
+    row(
+        ctx,
+        "8B on 8 GPUs, FSDP (extrapolated from the slice)",
+        f"training {train:.1f} pairs/s (MFU {mfu:.0%}), reference {reference:.1f} pairs/s; 60,000 pairs:"
+        f" {60000 / train / 60:.0f} min + {60000 / reference / 60:.0f} min reference",
+    )
     row(ctx, "  memory per GPU", f"{memory / 1e9:.1f} GB typical, {longest_memory / 1e9:.1f} GB at the longest pairs",
         "≤ 80 GB (H100)", ok=longest_memory <= 80e9, asserted=False)
-    # per layer and micro-batch: bf16 weights all-gathered for the forward and again for the backward, fp32 gradients reduce-scattered
+    # per layer and micro-batch: bf16 weights all-gathered for the forward and again for the backward, fp32 gradients
+    # reduce-scattered
     comm = (2 + 2 + 4) * layer_params(shape) * (gpus - 1) / gpus / NCCL_BYTES_PER_S
     compute = per_layer["train"] * cfg.micro_batch_size
-    row(ctx, "  FSDP traffic per layer and micro-batch (not measured)", f"{comm * 1e3:.1f} ms at an assumed "
-        f"{NCCL_BYTES_PER_S / 1e9:.0f} GB/s vs {compute * 1e3:.1f} ms of compute", "less than compute (else the prediction is "
-        "optimistic)", ok=comm < compute, asserted=False)
+    row(
+        ctx,
+        "  FSDP traffic per layer and micro-batch (not measured)",
+        f"{comm * 1e3:.1f} ms at an assumed {NCCL_BYTES_PER_S / 1e9:.0f} GB/s vs {compute * 1e3:.1f} ms of compute",
+        "less than compute (else the prediction is optimistic)",
+        ok=comm < compute,
+        asserted=False,
+    )
 
 
 def gpu_generation(ctx):
-    """generate.py's hf_sample, batched against one prompt per call, and eval_gsm8k.py's command line, on the 1B model."""
+    """generate.py's hf_sample, batched against one prompt per call, and eval_gsm8k.py's command line, on the 1B
+    model."""
     s, device = ctx.sizes, ctx.device
     folder = ctx.llama_1b or save_random_llama(ctx, "llama_1b", s["llama_1b"])
     tokenizer = rebel.load_tokenizer(folder, padding_side="left")  # as generate.py loads both
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=rebel.compute_dtype("auto", device)).to(device).eval()
-    settings, stop_ids = generate.Config(model=folder, max_new_tokens=s["new_tokens"]), generate.stop_token_ids(tokenizer, folder, rebel.load_model_config(folder))
-    prompts = [p["prompt_ids"] for p in random_pairs(ctx, ALPACA_EVAL_LENGTHS[:s["gen_prompts"]], s["llama_1b"]["vocab_size"])]
-    generate.hf_sample(model, tokenizer, prompts[:1], dataclasses.replace(settings, max_new_tokens=2), stop_ids, 0)  # warm-up
+    settings, stop_ids = generate.Config(model=folder, max_new_tokens=s["new_tokens"]), generate.stop_token_ids(
+        tokenizer, folder, rebel.load_model_config(folder)
+    )
+    prompts = [
+        p["prompt_ids"] for p in random_pairs(ctx, ALPACA_EVAL_LENGTHS[: s["gen_prompts"]], s["llama_1b"]["vocab_size"])
+    ]
+    generate.hf_sample(
+        model, tokenizer, prompts[:1], dataclasses.replace(settings, max_new_tokens=2), stop_ids, 0
+    )  # warm-up
     rates = {}
     for name, groups in (("batched", [prompts]), ("one", [[p] for p in prompts[:s["gen_single"]]])):
         seconds, _, _, made = measure(device, lambda: sum(n for g in groups for samples in generate.hf_sample(
@@ -2763,7 +3956,8 @@ def gpu_generation(ctx):
         f"{rates['one']:.0f} new tokens/s; batched {rates['batched'] / rates['one']:.1f}×")
     model = None  # eval_gsm8k.py loads its own
 
-    # eval_gsm8k.py's command line on GSM8K-length questions of random text (a random model's speed does not depend on it):
+    # eval_gsm8k.py's command line on GSM8K-length questions of random text (a random model's speed does not depend on
+    # it):
     # random merged tokens (not the 256 single bytes, whose random sequences are broken UTF-8 that re-encodes longer);
     # their 5-shot prompts are ~940 tokens of this tokenizer, real GSM8K's ~870 of Llama-3's
     g, n = random.Random(0), s["gsm8k_questions"]
@@ -2777,21 +3971,50 @@ def gpu_generation(ctx):
     write_jsonl(os.path.join(data, "train.jsonl"), docs[:16])
     write_jsonl(os.path.join(data, "test.jsonl"), docs[16:])
     length = sum(map(len, eval_gsm8k.encode(tokenizer, eval_gsm8k.build_prompts(docs[16:], docs[:16])))) / n
-    code, _ = launch(ctx, eval_gsm8k, ["--model", folder, "--data", data, "--output", out, "--limit", str(n), "--batch_size",
-                                       str(n), "--max_new_tokens", str(s["gsm8k_new_tokens"])], "eval_gsm8k")
+    code, _ = launch(
+        ctx,
+        eval_gsm8k,
+        [
+            "--model",
+            folder,
+            "--data",
+            data,
+            "--output",
+            out,
+            "--limit",
+            str(n),
+            "--batch_size",
+            str(n),
+            "--max_new_tokens",
+            str(s["gsm8k_new_tokens"]),
+        ],
+        "eval_gsm8k",
+    )
     runtime = ctx.out["gsm8k"] = read_json(os.path.join(out, "summary.json"))["runtime"] if code == 0 else {}
-    row(ctx, f"eval_gsm8k.py --limit {n} --batch_size {n} (5-shot, {length:.0f} prompt tokens, {s['gsm8k_new_tokens']} new "
-        "tokens each)", f"{runtime['questions_per_s']:.2f} questions/s" if code == 0 else str(code), ok=code == 0)
+    row(
+        ctx,
+        f"eval_gsm8k.py --limit {n} --batch_size {n} (5-shot, {length:.0f} prompt tokens, {s['gsm8k_new_tokens']} new "
+        "tokens each)",
+        f"{runtime['questions_per_s']:.2f} questions/s" if code == 0 else str(code),
+        ok=code == 0,
+    )
 
 
 def run_gpu_check(folder, sizes, scratch=None):
-    """Every section in turn (each within its budget; a failure ends only its own), then the table. Returns the report."""
+    """Every section in turn (each within its budget; a failure ends only its own), then the table. Returns the
+    report."""
     os.makedirs(folder, exist_ok=True)
     own_scratch, start, threads = scratch is None, time.time(), torch.get_num_threads()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    ctx = SimpleNamespace(sizes=sizes, device=device, scratch=scratch or tempfile.mkdtemp(prefix="gpu_check_"), llama_1b=None,
-                          log=os.path.join(folder, "gpu_check.log"), json=os.path.join(folder, "gpu_check.json"),
-                          report=dict(sizes="gpu" if sizes is GPU_SIZES else "smoke", sections={}, table=[]))
+    ctx = SimpleNamespace(
+        sizes=sizes,
+        device=device,
+        scratch=scratch or tempfile.mkdtemp(prefix="gpu_check_"),
+        llama_1b=None,
+        log=os.path.join(folder, "gpu_check.log"),
+        json=os.path.join(folder, "gpu_check.json"),
+        report=dict(sizes="gpu" if sizes is GPU_SIZES else "smoke", sections={}, table=[]),
+    )
     open(ctx.log, "w").close()
     if ctx.device.type == "cpu":  # the smoke's tiny work: on busy cores a second thread spins and makes it ~10× slower
         torch.set_num_threads(1)
@@ -2803,22 +4026,33 @@ def run_gpu_check(folder, sizes, scratch=None):
         torch.set_num_threads(threads)
         if own_scratch:
             shutil.rmtree(ctx.scratch, ignore_errors=True)
-    ctx.report.update(seconds=round(time.time() - start, 1), passed=all(r["status"] != "FAIL" for r in ctx.report["table"]))
+    ctx.report.update(
+        seconds=round(time.time() - start, 1), passed=all(r["status"] != "FAIL" for r in ctx.report["table"])
+    )
     save(ctx)
-    say(ctx, "\n| section | measure | value | target | status |\n|---|---|---|---|---|\n" + "\n".join(
-        f"| {r['section']} | {r['measure']} | {r['value']} | {r['target']} | {r['status']} |" for r in ctx.report["table"]))
+    say(
+        ctx,
+        "\n| section | measure | value | target | status |\n|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {r['section']} | {r['measure']} | {r['value']} | {r['target']} | {r['status']} |"
+            for r in ctx.report["table"]
+        ),
+    )
     passed = "all checks passed" if ctx.report["passed"] else "SOME CHECKS FAILED"
     say(ctx, f"\n{passed} in {ctx.report['seconds']:.0f} s -> {ctx.json}")
     return ctx.report
 
 
 def gpu_check(args):
-    """python test_rebel.py gpu [folder] [--smoke]: the GPU check (--smoke: at tiny sizes, on any machine). Exit status 0 if
+    """python test_rebel.py gpu [folder] [--smoke]: the GPU check (--smoke: at tiny sizes, on any machine). Exit status
+    0 if
     every check passed (targets are only recorded)."""
     folder = next((a for a in args if a != "--smoke"), "runs/gpu_check")
     if "--smoke" not in args and not torch.cuda.is_available():
-        print("python test_rebel.py gpu: no CUDA GPU on this machine, so nothing was run. The test suite runs the same code at "
-              "tiny sizes (pytest -q test_rebel.py -k gpu_check), as does `python test_rebel.py gpu --smoke`.")
+        print(
+            "python test_rebel.py gpu: no CUDA GPU on this machine, so nothing was run. The test suite runs the same"
+            " code at tiny sizes (pytest -q test_rebel.py -k gpu_check), as does `python test_rebel.py gpu --smoke`."
+        )
         return 0
     return 0 if run_gpu_check(folder, SMOKE_SIZES if "--smoke" in args else GPU_SIZES)["passed"] else 1
 
@@ -2831,4 +4065,7 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["gpu"]:  # python test_rebel.py gpu [output folder] [--smoke]
         sys.exit(gpu_check(sys.argv[2:]))
     else:
-        sys.exit("usage: python test_rebel.py demo [output folder] | gpu [output folder]   (the tests: pytest -q test_rebel.py)")
+        sys.exit(
+            "usage: python test_rebel.py demo [output folder] | gpu [output folder]   (the tests: pytest -q"
+            " test_rebel.py)"
+        )
