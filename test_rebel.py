@@ -1176,9 +1176,8 @@ class TestTraining:
             flat = rebel.parse_config(module.Config, argv)
             file.write_text("".join(f"{k}: {json.dumps(getattr(flat, k))}\n" for k in keys))
             assert rebel.parse_config(module.Config, [str(file)]) == flat
-        with pytest.raises(SystemExit), contextlib.redirect_stderr(
-            io.StringIO()
-        ) as err:  # argparse's usage error, exit 2
+        # argparse's usage error, exit 2
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
             rebel.parse_config(rebel.Config, ["--lr", "1e-6", str(tmp_path / "run.yaml")])
         assert "a settings file goes first or after --config: --config " in err.getvalue()
         # and the run itself: from the YAML file, the same metrics as from the flags
@@ -1186,10 +1185,10 @@ class TestTraining:
             rebel.main(
                 rebel.parse_config(rebel.Config, argv + ["--output_dir", str(tmp_path / name), "--save_final", "false"])
             )
-        strip = lambda name: [
+        strip = lambda name: [  # noqa: E731
             {k: v for k, v in r.items() if not k.endswith("_per_s")}
             for r in read_jsonl(tmp_path / name / "metrics.jsonl")
-        ]  # noqa: E731
+        ]
         assert len(strip("flags")) == 4 and strip("yaml") == strip("flags")  # eval, update 1, update 2, eval
 
     @pytest.mark.parametrize(
@@ -3260,9 +3259,9 @@ def bench_rows(tmp_path, tokenizer, pairs, llama, gsm8k):
 
 def print_table(runs):
     """Each measure's median over the runs, with its range (min–max); the ratio is this repo's over the baseline's."""
-    spread = lambda values, fmt: (
+    spread = lambda values, fmt: (  # noqa: E731
         f"{fmt.format(statistics.median(values))} ({fmt.format(min(values)).split()[0]}–{fmt.format(max(values))})"
-    )  # noqa: E731
+    )
     print(f"\nmedians of {len(runs)} runs (min–max)\n| measure | baseline | this repo | ratio |\n|---|---|---|---|")
     for k, (name, _, _, fmt) in enumerate(runs[0]):
         base, ours = [run[k][1] for run in runs], [run[k][2] for run in runs]
