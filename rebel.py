@@ -786,9 +786,9 @@ def load_online(cfg, tokenizer, model_config, world):
     if bool(cfg.reward_model) == bool(cfg.reward_fn):
         fail("--online: give one of --reward_model and --reward_fn")
     rows = require_split(cfg.dataset, "train" if os.path.isfile(cfg.dataset) else cfg.train_split)
-    if {"chosen", "rejected"} <= set(rows.column_names) and cfg.prompt_column not in rows.column_names:
-        fail(f"--online: {cfg.dataset} is a file of pairs (chosen, rejected); online REBEL samples its own: give "
-             "prompts, or train offline")
+    if "chosen_reward" in rows.column_names:
+        fail(f"--online: {cfg.dataset} is a file of scored pairs (chosen_reward); online REBEL samples and scores its "
+             "own: give prompts, or train offline without --online")
     if cfg.prompt_column not in rows.column_names:
         fail(f"{cfg.dataset}: missing column {cfg.prompt_column!r} (columns: {', '.join(rows.column_names)})")
     check_prompt_column(rows, cfg.prompt_column, cfg.dataset)
@@ -902,6 +902,7 @@ def open_run_folder(cfg):
     to resume from or None, its train_state). Settings a resume may not change are compared here, before any data
     work; the data and model files once they are read (check_resume)."""
     check_output(cfg.output_dir, "--output_dir", kind="folder", model=cfg.model)
+    check_data_source(cfg.dataset)
     checkpoint = from_rank0(latest_checkpoint(cfg.output_dir))  # one decision for all processes
     if checkpoint and not cfg.resume:
         fail(f"{cfg.output_dir} holds a checkpoint of an earlier run: add --resume to continue it, or pick another "
@@ -1247,8 +1248,12 @@ def parse_config(cls, argv=None):
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv.insert(0, "--config")
     parser = HfArgumentParser(cls, description=sys.modules[cls.__module__].__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML or JSON file of settings (field: value); flags given too override it")
-    path = parser.parse_known_args(argv)[0].config
+    parser.add_argument("--config", action="append", help="YAML or JSON file of settings (field: value, or a "
+                        "recipe's section named after this script); flags given too override it")
+    paths = parser.parse_known_args(argv)[0].config or []
+    if len(paths) > 1:
+        fail(f"--config given {len(paths)} times ({', '.join(paths)}): give one settings file, and flags for the rest")
+    path = paths[0] if paths else None
     if path:
         parser.set_defaults(**read_settings(path, cls))
     cfg, *_, unknown = parser.parse_args_into_dataclasses(argv, look_for_args_file=False,
@@ -1264,7 +1269,12 @@ def parse_config(cls, argv=None):
     return cfg
 
 
+SCRIPTS = ("rebel", "generate", "score", "eval_gsm8k")  # the sections of a recipe (recipes/*.yaml)
+
+
 def read_settings(path, cls):
+    """The settings of a YAML or JSON file: `setting: value` lines, or a recipe's sections named after the scripts,
+    of which each script reads its own."""
     import yaml  # PyYAML: a dependency of transformers
     try:
         with open(path) as f:
@@ -1273,6 +1283,11 @@ def read_settings(path, cls):
         fail(f"--config {path}: {first_line(e)}")
     if not isinstance(settings, dict):
         fail(f"--config {path}: expected a mapping of setting: value, got {type(settings).__name__}")
+    if settings and set(settings) <= set(SCRIPTS):
+        script = os.path.splitext(os.path.basename(sys.modules[cls.__module__].__file__))[0]
+        if not isinstance(settings.get(script), dict):
+            fail(f"--config {path}: no section {script}: (sections: {', '.join(settings)})")
+        settings = dict(settings[script])
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - set(types))
     if unknown:

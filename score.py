@@ -547,8 +547,8 @@ def model_rewards(model, tokenizer, rows, block, cfg, device):
             why = unscorable(ids, model, gating_ids, cfg.max_length)
         except Exception as e:  # noqa: BLE001 — e.g. a template that refuses a system turn: this row only
             why = f"the reward model's chat template raised {type(e).__name__}: {first_line(e)[:80]}"
-        cut = 0 if why else sum(len(s) > cfg.max_length for s in ids)
-        out.append(dict(index=i, rewards=None, cut=cut, dropped=why))
+        over = 0 if why else sum(len(s) > cfg.max_length for s in ids)
+        out.append(dict(index=i, rewards=None, cut=over, dropped=why))
         if not why:
             sequences += [cut(s, model, cfg.max_length) for s in ids]
     pad_id = getattr(model, "pad_id", model.config.pad_token_id)
@@ -620,12 +620,12 @@ def summary(pairs, all_rewards):
 
 def main(cfg):
     world = init_distributed()
-    check_output(cfg.output, "--output", "folder" if cfg.test_size else "file", inputs={"--input": cfg.input},
-                 model=None if cfg.reward_fn or cfg.test_size else cfg.reward_model)
     if cfg.test_size and os.path.exists(cfg.output) and not os.path.exists(os.path.join(cfg.output,
                                                                                         "dataset_dict.json")):
         fail(f"--output {cfg.output} exists and is not a datasets folder that score.py wrote: it would be replaced; "
              "choose another")
+    check_output(cfg.output, "--output", "folder" if cfg.test_size else "file", inputs={"--input": cfg.input},
+                 model=None if cfg.reward_fn or cfg.test_size else cfg.reward_model)
     check_writable(cfg.output + ".shards", "--output")
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     dtype = compute_dtype(cfg.dtype, world.device)

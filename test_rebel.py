@@ -1300,6 +1300,167 @@ class TestTraining:
         assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
 
 
+ONLINE_REWARD = (
+    "def length(prompt, response):\n"
+    "    return len(response) / 10.0\n\n"
+    "def raises(prompt, response):\n"
+    "    raise ValueError('no reward for ' + response[:10])\n\n"
+    "def infinite(prompt, response):\n"
+    "    return float('inf')\n"
+)
+ONLINE_SETTINGS = dict(batch_size=4, total_episodes=8, max_new_tokens=6, rollout_block=2, micro_batch_size=2,
+                       eval_micro_batch_size=2, activation_checkpointing=False, lr=1e-3, num_layers_unfrozen=1,
+                       save_every=1, seed=3, kl_coef=0.5, missing_eos_penalty=-1.0, reward_scale=2.0)
+
+
+def online_flags(model, prompts, output_dir, **overrides):
+    """rebel.py --online true flags of a tiny run (the online defaults for everything else)."""
+    settings = dict(model=model, dataset=prompts, output_dir=str(output_dir), **ONLINE_SETTINGS)
+    settings.update(overrides)
+    return ["--online", "true"] + [x for k, v in settings.items() for x in (f"--{k}", str(v))]
+
+
+def train_online(model, prompts, output_dir, **overrides):
+    """rebel.main --online in this process, as the command line makes its settings."""
+    rebel.main(rebel.parse_config(rebel.Config, online_flags(model, prompts, output_dir, **overrides)))
+    return str(output_dir)
+
+
+@pytest.fixture(scope="class")
+def online_case(tmp_path_factory):
+    """A 3-layer tiny Llama whose responses often stop within 6 tokens (and often do not), prompts, a reward file."""
+    folder = tmp_path_factory.mktemp("online")
+    model = make_model(str(folder / "model"), layers=3, ends_often=True)
+    prompts = write_prompts(folder / "prompts.jsonl", 12, ids=True)
+    (folder / "rewards.py").write_text(ONLINE_REWARD)
+    return SimpleNamespace(folder=folder, model=model, prompts=prompts, reward=f"{folder / 'rewards.py'}:length")
+
+
+@pytest.fixture(scope="class")
+def online_run(online_case):
+    """Two online updates, uninterrupted."""
+    return train_online(online_case.model, online_case.prompts, online_case.folder / "full",
+                        reward_fn=online_case.reward)
+
+
+class TestOnline:
+    def test_online_defaults_are_the_authors_unless_set(self, tmp_path):
+        (tmp_path / "run.yaml").write_text("online: true\neta: 2.0\n")
+        cfg = rebel.parse_config(rebel.Config, ["--online", "true", "--lr", "1e-6"])
+        assert (cfg.eta, cfg.lr, cfg.temperature, cfg.batch_size, cfg.epochs_per_batch, cfg.lr_schedule,
+                cfg.num_layers_unfrozen, cfg.warmup_ratio) == (1.0, 1e-6, 0.5, 32, 4, "linear", 4, 0.0)
+        assert rebel.parse_config(rebel.Config, ["--config", str(tmp_path / "run.yaml")]).eta == 2.0
+        offline = rebel.parse_config(rebel.Config, [])
+        assert (offline.eta, offline.epochs_per_batch, offline.lr_schedule) == (1e6, 1, "cosine")
+
+    def test_rollouts_rewards_kl_and_the_first_pass(self, online_case, online_run):
+        """KL is exactly 0 at update 1; the reward is (score·scale or the penalty) − kl_coef·KL, both branches seen;
+        the scores are the reward function of the decoded ids; the first pass of every update regresses on π_t = πθ,
+        so its loss is mean (η·Δr)²; four passes per update, lr constant within it, linear across updates."""
+        tokenizer = rebel.load_tokenizer(online_case.model)
+        stop_ids = set(generate.stop_token_ids(tokenizer, online_case.model,
+                                               rebel.load_model_config(online_case.model)))
+        rows = read_jsonl(os.path.join(online_run, "rollouts.jsonl"))
+        metrics = read_jsonl(os.path.join(online_run, "metrics.jsonl"))
+        assert [r["update"] for r in rows] == [1] * 4 + [2] * 4
+        prompts = {r["prompt_id"]: r["prompt"] for r in read_jsonl(online_case.prompts)}
+        branches = set()
+        for r in rows:
+            for side in ("chosen", "rejected"):
+                ids = r[f"{side}_ids"]
+                stopped = ids[-1] in stop_ids
+                text = tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
+                assert r[f"{side}_score"] == pytest.approx(len(text) / 10.0)
+                score = 2.0 * r[f"{side}_score"] if stopped else -1.0
+                assert r[f"{side}_reward"] == pytest.approx(score - 0.5 * r[f"{side}_kl"], abs=1e-6)
+                branches.add(stopped)
+                assert r["prompt_ids"] == rebel.prompt_tokens(tokenizer, prompts[r["prompt_id"]])[1]
+            assert r["chosen_reward"] >= r["rejected_reward"]
+            if r["update"] == 1:
+                assert r["chosen_kl"] == 0.0 and r["rejected_kl"] == 0.0
+        assert branches == {True, False}
+        assert any(r["chosen_kl"] != 0.0 for r in rows if r["update"] == 2)
+        for update in (1, 2):
+            gaps = [r["chosen_reward"] - r["rejected_reward"] for r in rows if r["update"] == update]
+            steps = [m for m in metrics if m["update"] == update and "loss" in m]
+            assert [m["pass"] for m in steps] == [1, 2, 3, 4] and len({m["lr"] for m in steps}) == 1
+            assert steps[0]["loss"] == pytest.approx(sum(g * g for g in gaps) / len(gaps), rel=1e-5, abs=1e-6)
+            assert abs(steps[0]["logratio_chosen"]) < 1e-5
+        stats = [m for m in metrics if "score" in m]
+        assert [m["update"] for m in stats] == [1, 2] and stats[0]["kl"] == 0.0 and 0 < stats[0]["stopped"] < 1
+        assert [m["lr"] for m in metrics if m.get("pass") == 1] == [1e-3, 5e-4]
+
+    def test_kl_at_update_2_is_the_naive_log_ratio_and_frozen_layers_stay(self, online_case, online_run, tmp_path):
+        """A run of one update ends at π_1 (the same computation); update 2's KL is Σ log π_1 − log π_0 of the
+        sampled ids, computed the textbook way. Only the last layer, the final norm and the head trained."""
+        from transformers import AutoModelForCausalLM
+        one = train_online(online_case.model, online_case.prompts, tmp_path / "one", reward_fn=online_case.reward,
+                           total_episodes=4)
+        pi_1 = AutoModelForCausalLM.from_pretrained(os.path.join(one, "final")).eval()
+        pi_0 = AutoModelForCausalLM.from_pretrained(online_case.model).eval()
+        rows = [r for r in read_jsonl(os.path.join(online_run, "rollouts.jsonl")) if r["update"] == 2]
+        with torch.no_grad():
+            for r in rows:
+                for side in ("chosen", "rejected"):
+                    kl = (naive_logprob(pi_1, r["prompt_ids"], r[f"{side}_ids"], 0.5)
+                          - naive_logprob(pi_0, r["prompt_ids"], r[f"{side}_ids"], 0.5)).item()
+                    assert r[f"{side}_kl"] == pytest.approx(kl, abs=1e-4)
+        start, end = pi_0.state_dict(), final_weights(online_run)
+        moved = {k for k in end if (end[k] - start[k]).abs().max().item() > 0}
+        assert moved and all(k.startswith(("model.layers.2.", "model.norm.", "lm_head.")) for k in moved)
+
+    def test_resume_and_two_processes_give_the_same_rollouts_and_weights(self, online_case, online_run, tmp_path):
+        part = train_online(online_case.model, online_case.prompts, tmp_path / "part", reward_fn=online_case.reward,
+                            stop_after=1)
+        rebel.append_jsonl(os.path.join(part, "rollouts.jsonl"), {"update": 2, "stale": True})  # after the checkpoint
+        train_online(online_case.model, online_case.prompts, part, reward_fn=online_case.reward, resume=True)
+        two = str(tmp_path / "two")
+        flags = online_flags(online_case.model, online_case.prompts, two, reward_fn=online_case.reward)
+        torchrun("rebel.py", dict(zip([f[2:] for f in flags[::2]], flags[1::2])))
+        full = read_jsonl(os.path.join(online_run, "rollouts.jsonl"))
+        for other in (part, two):
+            rows = read_jsonl(os.path.join(other, "rollouts.jsonl"))
+            assert [(r["prompt_id"], r["chosen_ids"], r["rejected_ids"]) for r in rows] == [
+                (r["prompt_id"], r["chosen_ids"], r["rejected_ids"]) for r in full]
+            assert [r["chosen_reward"] for r in rows] == pytest.approx([r["chosen_reward"] for r in full], abs=1e-4)
+            w1, w2 = final_weights(online_run), final_weights(other)
+            assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+    @pytest.mark.parametrize("overrides, message", [
+        pytest.param(dict(), r"--online: give one of --reward_model and --reward_fn", id="no-reward"),
+        pytest.param(dict(reward_fn="REWARD", reward_model="x/y"), r"give one of", id="two-rewards"),
+        pytest.param(dict(reward_fn="FOLDER/nope.py:f"), r"--reward_fn .*: no file", id="reward-fn-missing"),
+        pytest.param(dict(reward_fn="FOLDER/rewards.py:nope"), r"has no function 'nope'", id="reward-fn-unknown"),
+        pytest.param(dict(reward_fn="FOLDER/rewards.py:raises"), r"raised on row \d+, response 0: ValueError",
+                     id="reward-fn-raises"),
+        pytest.param(dict(reward_fn="FOLDER/rewards.py:infinite"), r"the reward must be a finite number",
+                     id="reward-fn-infinite"),
+        pytest.param(dict(reward_fn="REWARD", num_samples=1), r"--num_samples must be >= 2, got 1",
+                     id="one-sample"),
+        pytest.param(dict(reward_fn="REWARD", kl_coef="nan"), r"--kl_coef must be a finite number", id="kl-nan"),
+        pytest.param(dict(reward_fn="REWARD", missing_eos_penalty="inf"), r"--missing_eos_penalty must be a finite",
+                     id="penalty-inf"),
+        pytest.param(dict(reward_fn="REWARD", dataset="PAIRS"), r"is a file of scored pairs", id="pairs-file"),
+        pytest.param(dict(reward_fn="REWARD", prompt_column="question"), r"missing column 'question'",
+                     id="no-prompt-column"),
+        pytest.param(dict(reward_fn="REWARD", dataset="EMPTY"), r"no prompt to sample from", id="no-prompts"),
+    ])
+    def test_bad_input_fails_in_one_line(self, online_case, tmp_path, monkeypatch, overrides, message):
+        from transformers import AutoModelForCausalLM
+        pairs = write_pairs(tmp_path / "pairs.jsonl", n=4)
+        empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": " "}])
+        names = dict(REWARD=online_case.reward, FOLDER=str(online_case.folder), PAIRS=pairs, EMPTY=empty)
+        settings = {k: names.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
+        settings = {k: v.replace("FOLDER", str(online_case.folder)) if isinstance(v, str) else v
+                    for k, v in settings.items()}
+        policy_loads = []
+        if "raise" not in settings.get("reward_fn", "") and "infinite" not in settings.get("reward_fn", ""):
+            monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: policy_loads.append(a))
+        with pytest.raises(SystemExit, match="error: " + ".*" + message):
+            train_online(online_case.model, online_case.prompts, tmp_path / "run", **settings)
+        assert not policy_loads
+
+
 class TestInputs:
     """rebel.py's bad input, broken files and dropped rows (and generate.py's dropped prompts)."""
 
