@@ -247,7 +247,8 @@ def before_first(input_ids, pad):
 class ArmoRM(torch.nn.Module):
     """RLHFlow/ArmoRM-Llama3-8B-v0.1 (Wang et al. 2024, "Interpretable Preferences via Multi-Objective Reward Modeling
     and Mixture-of-Experts") computed from its weights: the same operations as LlamaForRewardModelWithGating.forward
-    and GatingNetwork in its modeling_custom.py, which is never run. For input_ids [B, T], right-padded with pad_token_id:
+    and GatingNetwork in its modeling_custom.py, which is never run. For input_ids [B, T], right-padded with
+    pad_token_id:
 
         h        = the Llama backbone's final (normed) hidden states                         [B, T, hidden]
         rewards  = h[reward position] @ regression_layer.weightᵀ                             [B, K] (K objectives, 19)

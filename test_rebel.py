@@ -1546,7 +1546,8 @@ class TestRecipes:
             this = yaml.safe_load(f)
         final = os.path.join(previous["rebel"]["output_dir"], "final")
         assert this["generate"]["model"] == this["rebel"]["model"] == final
-        assert this["score"]["input"] == this["generate"]["output"] and this["rebel"]["dataset"] == this["score"]["output"]
+        assert this["score"]["input"] == this["generate"]["output"]
+        assert this["rebel"]["dataset"] == this["score"]["output"]
 
 
     def test_epoch_2_is_two_passes_of_the_same_run(self):
