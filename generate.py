@@ -258,8 +258,8 @@ def main(cfg):
            f"{world.size} processes | engine {cfg.engine} | device {world.device.type} | dtype {dtype}\n"
            + ("sampling: greedy | max_new_tokens " if cfg.greedy else
               f"sampling: temperature {cfg.temperature} | top_p {cfg.top_p} | no top_k | max_new_tokens ")
-           + f"{cfg.max_new_tokens} | stop tokens {stop_ids} {tokenizer.convert_ids_to_tokens(stop_ids)} | nothing else "
-           f"from generation_config.json\nprompt tokens mean {np.mean([len(t) for t in tokens.values()]):.0f} max "
+           + f"{cfg.max_new_tokens} | stop tokens {stop_ids} {tokenizer.convert_ids_to_tokens(stop_ids)} | nothing "
+           f"else from generation_config.json\nprompt tokens mean {np.mean([len(t) for t in tokens.values()]):.0f} max "
            f"{max(map(len, tokens.values()))}")
 
     def make_worker():

@@ -686,7 +686,7 @@ def text_ids(prompt, responses, tokenizer, eot, date=None, convert_hh=False):
         if together[:len(prompt_ids)] == prompt_ids:
             out.append(together[len(prompt_ids):])
         elif tokenizer.decode(prompt_ids + alone) == tokenizer.decode(together):
-            out.append(alone)  # tokens merge across the boundary in context; after the prompt's ids, sampling makes these
+            out.append(alone)  # tokens merge across the boundary in context; sampling after the prompt's makes these
         else:
             raise BadRow("the response cannot be tokenised as sampled: in context its tokens merge with the prompt's, "
                          "and tokenised alone they decode to another text")

@@ -148,7 +148,20 @@ def test_llama2_sp_text_ids_equal_sampled_ids_of_the_same_tokens(tmp_path):
 
 
 def test_llama2_sp_generate_score_rebel_pipeline(tmp_path, capsys):
+    """generate → score → rebel on the SentencePiece family: the sampled ids are trained (test_rebel's check); the
+    same pairs as text only are the conversation's tokens: none starts with the stray "▁" of the response alone."""
     test_rebel.test_sampled_tokens_are_the_trained_tokens("llama2_sp", tmp_path, capsys)
+    from datasets import Dataset
+    rows = read_jsonl(str(tmp_path / "pairs.jsonl"))
+    tokenizer = rebel.load_tokenizer(str(tmp_path / "llama2_sp"))
+    texts = Dataset.from_list([{k: v for k, v in row.items() if not k.endswith("_ids")} for row in rows])
+    pairs = rebel.tokenize_pairs(texts, tokenizer, "t", len(tokenizer))
+    assert len(pairs) == len(rows)
+    for pair in pairs:
+        prompt_text, prompt_ids = rebel.prompt_tokens(tokenizer, rows[pair["index"]]["prompt"])
+        for ids, text in ((pair["chosen_ids"], rows[pair["index"]]["chosen"]), (pair["rejected_ids"], rows[pair["index"]]["rejected"])):
+            context = tokenizer(prompt_text + " " + text.strip() + "</s>", add_special_tokens=False)["input_ids"]
+            assert ids == context[len(prompt_ids):]  # one "▁" between [/INST] and the response, as in the conversation
 
 
 # ----------------------------------------------------------------------------- 3. a pad id outside the embedding
