@@ -19,6 +19,17 @@ samples from Meta-Llama-3-8B-Instruct for each UltraFeedback prompt. Writes one 
 
 score.py scores the responses and picks the pairs that rebel.py trains on, token for token.
 
+A prompt is a string (one user turn) or a list of {"role", "content"} messages. A string in Anthropic-HH's and
+Nectar's format, "\n\nHuman: What is X?\n\nAssistant: It is Y.\n\nHuman: And Z?\n\nAssistant:" (leading newlines
+optional; turns alternating, ending with an empty Assistant: turn), is templated as its turns: user, assistant, user
+(one line says how many were; --convert_hh false keeps each as one user turn; rebel.py's --convert_hh must agree).
+
+--format alpaca_eval writes AlpacaEval's model_outputs instead: a .json list of {"instruction", "output",
+"generator"}, in input order, output = the first sample of each prompt, e.g. for AlpacaEval's 805 instructions:
+
+    python generate.py --model runs/iter_1/final --prompts alpaca_eval.json --prompt_column instruction \\
+        --format alpaca_eval --num_samples 1 --greedy true --output runs/iter_1/alpaca_eval/model_outputs.json
+
     # one process (CPU or one GPU), e.g. a tiny run:
     python generate.py --model path/to/model --prompts prompts.jsonl --limit 100 --max_new_tokens 256 \\
         --output gen.parquet
@@ -55,7 +66,8 @@ from tqdm import tqdm
 from rebel import (STRFTIME_NOW, arg, atomic_write, changed_settings, check_config, check_output,
                    check_prompt_column, check_writable, compute_dtype, end_of_turn, fail, files_fingerprint, first_line,
                    from_rank0, init_distributed, load_model_config, load_pretrained, load_tokenizer, lock_folder,
-                   log_summary, print0, replace_path, require_split, run_script, sha256, template_prompts)
+                   log_summary, note_pad_outside, print0, replace_path, require_split, run_script, sha256,
+                   template_prompts, vocab_size)
 
 
 @dataclass
@@ -83,11 +95,19 @@ class Config:
                                         "install vllm`)")
     report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send the run's summary (counts, "
                                                              "throughput) to this tracker")
+    convert_hh: bool = arg(True, "a prompt string in Anthropic-HH/Nectar's Human:/Assistant: format is templated as "
+                           "its turns (false: as one user turn)")
+    format: Literal["rows", "alpaca_eval"] = arg("rows", "rows (the columns above, .jsonl/.parquet) or alpaca_eval "
+                                                 "(a .json list of {instruction, output, generator}: the first sample)")
+    generator: str = arg("", "alpaca_eval: the generator name written; empty = the model folder's basename")
+    greedy: bool = arg(False, "greedy decoding (temperature and top_p unused): e.g. for --format alpaca_eval")
 
     def __post_init__(self):
         check_config(self)
-        if not self.output.endswith((".jsonl", ".parquet")):
-            fail(f"--output {self.output}: expected a .jsonl or .parquet file")
+        if self.format == "alpaca_eval" and not self.output.endswith(".json"):
+            fail(f"--output {self.output}: --format alpaca_eval writes a .json file")
+        if self.format == "rows" and not self.output.endswith((".jsonl", ".parquet")):
+            fail(f"--output {self.output}: expected a .jsonl or .parquet file (or --format alpaca_eval and .json)")
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             fail("--engine vllm: vLLM is not installed (pip install vllm), or use --engine hf")
 
@@ -140,14 +160,15 @@ def sample_record(tokenizer, ids, truncated):
 def sampling(cfg):
     """The sampling settings of a config, as hf_sample takes them."""
     return dict(num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens)
+                max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy)
 
 
 @torch.no_grad()
-def hf_sample(model, prompts, *, num_samples, temperature, top_p, max_new_tokens, stop_ids, seed):
+def hf_sample(model, prompts, *, num_samples, temperature, top_p, max_new_tokens, stop_ids, seed, greedy=False):
     """`num_samples` responses to each prompt (token ids), seeded: one left-padded `generate` call with the KV cache.
     Returns per prompt a list of (ids up to and including the first stop token, truncated) samples. Pads are
-    masked, so any id serves: the first stop id (a tokenizer's own pad may lie outside the embedding)."""
+    masked, so any id serves: the first stop id (a tokenizer's own pad may lie outside the embedding). greedy: the
+    most likely token at each step instead (temperature and top_p unused)."""
     from transformers import GenerationConfig
     width, pad = max(map(len, prompts)), stop_ids[0]
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
@@ -155,9 +176,9 @@ def hf_sample(model, prompts, *, num_samples, temperature, top_p, max_new_tokens
     # a fresh config, and none left on the model to fill its gaps: nothing of the checkpoint's generation_config.json
     # (repetition_penalty, min_new_tokens, ...) may bend the samples away from the policy's distribution
     model.generation_config = GenerationConfig()
-    settings = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                eos_token_id=stop_ids, pad_token_id=pad)
+    sampled = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
+    settings = GenerationConfig(do_sample=not greedy, **sampled, max_new_tokens=max_new_tokens,
+                                num_return_sequences=num_samples, eos_token_id=stop_ids, pad_token_id=pad)
     torch.manual_seed(seed)  # CPU and every GPU
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings)
     samples = [cut_at_stop(ids, set(stop_ids)) for ids in out[:, width:].tolist()]
@@ -177,7 +198,8 @@ def load_vllm(cfg, world_size):
 def vllm_sample(llm, tokenizer, prompts, cfg, stop_ids, seeds):
     """As hf_sample, with vLLM; each prompt has its own seed, so its samples do not depend on the batch."""
     from vllm import SamplingParams
-    params = [SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=-1,  # -1: no top_k
+    temperature, top_p = (0.0, 1.0) if cfg.greedy else (cfg.temperature, cfg.top_p)  # vLLM: temperature 0 is greedy
+    params = [SamplingParams(n=cfg.num_samples, temperature=temperature, top_p=top_p, top_k=-1,  # -1: no top_k
                              max_tokens=cfg.max_new_tokens, stop_token_ids=stop_ids, seed=seed) for seed in seeds]
     # token ids, not text: vLLM would add a second <|begin_of_text|> to the templated text
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
@@ -209,6 +231,7 @@ def main(cfg):
     check_prompt_column(data, cfg.prompt_column, cfg.prompts)
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     model_config = load_model_config(cfg.model)
+    note_pad_outside(tokenizer, vocab_size(model_config), cfg.model)
     context = getattr(model_config, "max_position_embeddings", None)
     if context and cfg.max_prompt_len + cfg.max_new_tokens > context:
         print0(f"warning: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} is more than "
@@ -219,21 +242,24 @@ def main(cfg):
         data = data.select(range(min(cfg.limit, len(data))))
     prompts = list(data[cfg.prompt_column])
     prompt_ids = list(data["prompt_id"]) if "prompt_id" in data.column_names else list(range(len(data)))
-    tokens, dropped = template_prompts(prompts, tokenizer, cfg.max_prompt_len, cfg.prompts, world, date)
+    tokens, dropped = template_prompts(prompts, tokenizer, cfg.max_prompt_len, cfg.prompts, world, date,
+                                       cfg.convert_hh)
     if not tokens:
         fail(f"{cfg.prompts}: no prompt to sample from" + (f" ({dropped[0][1]}, ...)" if dropped else ""))
     kept = sorted(tokens)
     blocks = [[kept[j] for j in block] for block in make_blocks([len(tokens[i]) for i in kept], cfg.batch_size)]
     stop_ids = stop_token_ids(tokenizer, cfg.model, model_config)
-    settings = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "report_to")},
+    settings = {**{k: v for k, v in dataclasses.asdict(cfg).items()
+                   if k not in ("output", "report_to", "format", "generator")},  # those two only shape the output
                 "prompts_sha256": fingerprint([i, prompt_ids[i], tokens[i]] for i in kept), "stop_ids": stop_ids,
                 "chat_date": chat_date}
     shards, old = open_shards(cfg.output, settings, flags=dataclasses.asdict(cfg), paths=("model", "prompts"))
     print0(f"{len(kept)} prompts × {cfg.num_samples} samples | {len(blocks)} blocks of {cfg.batch_size} prompts | "
            f"{world.size} processes | engine {cfg.engine} | device {world.device.type} | dtype {dtype}\n"
-           f"sampling: temperature {cfg.temperature} | top_p {cfg.top_p} | no top_k | max_new_tokens "
-           f"{cfg.max_new_tokens} | stop tokens {stop_ids} {tokenizer.convert_ids_to_tokens(stop_ids)} | nothing else "
-           f"from generation_config.json\nprompt tokens mean {np.mean([len(t) for t in tokens.values()]):.0f} max "
+           + ("sampling: greedy | max_new_tokens " if cfg.greedy else
+              f"sampling: temperature {cfg.temperature} | top_p {cfg.top_p} | no top_k | max_new_tokens ")
+           + f"{cfg.max_new_tokens} | stop tokens {stop_ids} {tokenizer.convert_ids_to_tokens(stop_ids)} | nothing "
+           f"else from generation_config.json\nprompt tokens mean {np.mean([len(t) for t in tokens.values()]):.0f} max "
            f"{max(map(len, tokens.values()))}")
 
     def make_worker():
@@ -262,7 +288,12 @@ def main(cfg):
         rows.sort(key=lambda row: row["index"])  # input order
         for row in rows:
             del row["index"]
-        write_rows(cfg.output, rows)
+        if cfg.format == "alpaca_eval":
+            generator = cfg.generator or os.path.basename(os.path.normpath(cfg.model))
+            atomic_write(cfg.output, json.dumps([dict(instruction=row["prompt"], output=row["responses"][0],
+                                                      generator=generator) for row in rows], indent=2))
+        else:
+            write_rows(cfg.output, rows)
         samples = [(t, n) for row in rows for t, n in zip(row["truncated"], row["num_tokens"])]
         summary = dict(prompts=len(rows), prompts_skipped=len(dropped), responses=len(samples),
                        mean_response_tokens=float(np.mean([n for _, n in samples])),

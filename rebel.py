@@ -107,6 +107,8 @@ class Config:
     reward_scale: float = arg(1.0, "online: the score is multiplied by this (the authors' Eurus-RM: 0.001)")
     missing_eos_penalty: float = arg(-4.0, "online: the score of a response without a stop token (replaces it)")
     kl_coef: float = arg(0.05, "online: reward = score − kl_coef·Σ(log π_t − log π_0) over the response", "[0, inf)")
+    convert_hh: bool = arg(True, "a prompt string in Anthropic-HH/Nectar's \"\\n\\nHuman: ...\\n\\nAssistant:\" format "
+                           "becomes its turns as chat messages before the chat template (false: one user turn)")
 
     def __post_init__(self):
         check_config(self)
@@ -543,11 +545,13 @@ def load_pairs(cfg, tokenizer, vocab_size, world):
                    f"log-probs use --temperature {cfg.temperature}: REBEL's log-probs should use the sampling "
                    "temperature")
     where = f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]"
-    pairs = tokenize_pairs(train_rows, tokenizer, where, vocab_size, world)
+    note_pad_outside(tokenizer, vocab_size, cfg.model)
+    pairs = tokenize_pairs(train_rows, tokenizer, where, vocab_size, world, cfg.convert_hh)
     train_pairs = [p for p in pairs if p["index"] not in held_out]
     eval_pairs = [p for p in pairs if p["index"] in held_out]
     if eval_rows is not None:
-        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", vocab_size, world)
+        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", vocab_size, world,
+                                    cfg.convert_hh)
     train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
     if eval_pairs:
         eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
@@ -564,13 +568,14 @@ def pick_column(columns, names, where):
     fail(f"{where}: missing column {' or '.join(map(repr, names))} (columns: {', '.join(columns)})")
 
 
-def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None):
+def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None, convert_hh=False):
     """Token ids of every usable pair: [{index (row in the split), prompt_ids, chosen_ids, rejected_ids, chosen_reward,
     rejected_reward}], sorted by index. With the columns prompt_ids/chosen_ids/rejected_ids (generate.py → score.py)
     they are the sampled tokens; else the chat template of the texts (`text_ids`). Rows that cannot be used are
     dropped and counted with their reason; a reward that is not a finite number stops the run, naming the row, before
     any model work. A chat template that writes today's date is rendered at the row's chat_date (generate.py's), else
-    at rank 0's now. Each process does every world.size-th row; all get the same pairs and the same count."""
+    at rank 0's now. convert_hh: prompt strings in the Human:/Assistant: format are their turns (`hh_messages`).
+    Each process does every world.size-th row; all get the same pairs and the same count."""
     rank, size = (world.rank, world.size) if world else (0, 1)
     cols = rows.column_names
     prompt, chosen, rejected, chosen_reward, rejected_reward = (pick_column(cols, names, where) for names in (
@@ -591,8 +596,8 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None):
                 if isinstance(row[col], bool) or not isinstance(row[col], (int, float)) or not math.isfinite(row[col]):
                     fail(f"{where} row {i}: column {col!r} must be a finite number, got {row[col]!r}")
             date = chat_date(row.get("chat_date")) or now
-            ids = (sampled_ids(row, [row[chosen], row[rejected]], tokenizer, vocab_size, date) if sampled
-                   else text_ids(row[prompt], [row[chosen], row[rejected]], tokenizer, eot, date))
+            ids = (sampled_ids(row, [row[chosen], row[rejected]], tokenizer, vocab_size, date, convert_hh) if sampled
+                   else text_ids(row[prompt], [row[chosen], row[rejected]], tokenizer, eot, date, convert_hh))
             pairs.append(dict(index=i, prompt_ids=ids[0], chosen_ids=ids[1], rejected_ids=ids[2],
                               chosen_reward=float(row[chosen_reward]), rejected_reward=float(row[rejected_reward])))
         except BadRow as e:
@@ -608,6 +613,8 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None):
     if errors:
         raise SystemExit(errors[0][1])
     dropped = [d for _, part, _ in parts for d in part]
+    if convert_hh:
+        report_converted(rows[prompt], where)
     report_dropped(dropped, len(rows), where)
     if len(dropped) == len(rows):
         fail(f"{where}: every row was dropped ({min(dropped)[1]}, ...)")
@@ -625,7 +632,7 @@ def chat_date(value):
                      f"{str(value)[:40]!r}") from None
 
 
-def sampled_ids(row, texts, tokenizer, vocab_size, date=None):
+def sampled_ids(row, texts, tokenizer, vocab_size, date=None, convert_hh=False):
     """(prompt ids, chosen ids, rejected ids) as sampled, checked: integers of the vocabulary, prompt ids equal to this
     tokenizer's templated prompt at `date` (else the pair was sampled with another model), and response ids that
     decode to the response `texts` that were scored, as generate.py decoded them. Raises BadRow."""
@@ -633,7 +640,7 @@ def sampled_ids(row, texts, tokenizer, vocab_size, date=None):
     if not all(isinstance(x, list) and x and all(type(t) is int and 0 <= t < vocab_size for t in x) for x in ids):
         raise BadRow("prompt_ids, chosen_ids and rejected_ids must be non-empty lists of integers in "
                      f"[0, {vocab_size})")
-    if prompt_tokens(tokenizer, row["prompt"], date)[1] != ids[0]:
+    if prompt_tokens(tokenizer, row["prompt"], date, convert_hh)[1] != ids[0]:
         dated = STRFTIME_NOW.search(tokenizer.get_chat_template()) and row.get("chat_date") is None
         raise BadRow("prompt_ids are not this tokenizer's chat template of the prompt (sampled with another model?"
                      + (" the template writes today's date, and the row has no chat_date saying which day it was "
@@ -646,18 +653,25 @@ def sampled_ids(row, texts, tokenizer, vocab_size, date=None):
     return ids
 
 
-def text_ids(prompt, responses, tokenizer, eot, date=None):
+def text_ids(prompt, responses, tokenizer, eot, date=None, convert_hh=False):
     """(prompt ids, *response ids) of text-only pairs (e.g. the authors' released data), tokenised as sampling makes
-    them, never across the prompt/response boundary (a GPT-2-style pre-tokenizer merges "\\n\\n" + word there): prompt
-    ids from the templated prompt alone; response ids from the text that the template adds after it, up to and
-    including its end-of-turn token `eot` (ChatML's and Gemma's "\\n" after it is never sampled, so never trained).
-    Raises BadRow when the template cannot be split there or changes the response text (e.g. strips reasoning)."""
-    prompt_text, prompt_ids = prompt_tokens(tokenizer, prompt, date)
+    them: prompt ids from the templated prompt alone (what generate.py samples after); response ids from the text that
+    the template adds after it, up to and including its end-of-turn token `eot` (ChatML's and Gemma's "\\n" after it
+    is never sampled, so never trained; nor is the space Llama-2's template writes before its </s>), tokenised in
+    context: the ids of the whole conversation after the prompt's. A SentencePiece "legacy" tokenizer (Llama-2, Mistral
+    v0.1, OpenChat) would put a stray "▁" token at the start of the response tokenised alone. Where the conversation's
+    ids do not start with the prompt's (a byte-level pre-tokenizer merges "\\n\\n" + word across the boundary, as
+    GPT-2's does), the response is tokenised alone, as sampling produces it after the prompt, if the prompt's ids and
+    these decode to the conversation's text. Raises BadRow when neither holds, when the template cannot be split
+    there, or when it changes the response text (e.g. strips reasoning)."""
+    prompt_text, prompt_ids = prompt_tokens(tokenizer, prompt, date, convert_hh)
     eot_text, out = None if eot is None else tokenizer.convert_ids_to_tokens(eot), [prompt_ids]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     for response in responses:
         if not isinstance(response, str):
             raise BadRow("the chosen and rejected responses must be strings")
-        full = apply_template(tokenizer, chat_messages(prompt) + [{"role": "assistant", "content": response}], date)
+        messages = chat_messages(prompt, convert_hh) + [{"role": "assistant", "content": response}]
+        full = apply_template(tokenizer, messages, date)
         if not full.startswith(prompt_text):
             raise BadRow("the templated prompt is not a prefix of the templated conversation")
         added = full[len(prompt_text):]
@@ -665,7 +679,17 @@ def text_ids(prompt, responses, tokenizer, eot, date=None):
         text = added[:end] if end >= 0 else added.rstrip()  # without an end token: not the template's turn separator
         if text.strip() != response.strip():
             raise BadRow("the chat template changes the response text (e.g. it strips or rewrites reasoning)")
-        out.append(tokenizer(text, add_special_tokens=False)["input_ids"] + ([eot] if end >= 0 else []))
+        if end >= 0 and response == response.rstrip():
+            text = text.rstrip()  # whitespace the template writes before its end token (Llama-2's " </s>")
+        tail, eot_part = ([eot], eot_text) if end >= 0 else ([], "")
+        together, alone = encode(prompt_text + text + eot_part), encode(text) + tail
+        if together[:len(prompt_ids)] == prompt_ids:
+            out.append(together[len(prompt_ids):])
+        elif tokenizer.decode(prompt_ids + alone) == tokenizer.decode(together):
+            out.append(alone)  # tokens merge across the boundary in context; sampling after the prompt's makes these
+        else:
+            raise BadRow("the response cannot be tokenised as sampled: in context its tokens merge with the prompt's, "
+                         "and tokenised alone they decode to another text")
     return out
 
 
@@ -710,13 +734,14 @@ def check_prompt_column(data, column, where):
              "messages")
 
 
-def chat_messages(prompt):
-    """A prompt as chat messages: a string is one user turn; a list of {'role', 'content'} messages must use the roles
+def chat_messages(prompt, convert_hh=False):
+    """A prompt as chat messages: a string is one user turn (with convert_hh, a string in Anthropic-HH/Nectar's
+    Human:/Assistant: format is its turns: `hh_messages`); a list of {'role', 'content'} messages must use the roles
     system, user and assistant, with string contents, and end with a user turn. Raises BadRow saying what is wrong."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise BadRow("the prompt is empty")
-        return [{"role": "user", "content": prompt}]
+        return (convert_hh and hh_messages(prompt)) or [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
         raise BadRow("the prompt must be a string or a non-empty list of {'role', 'content'} messages")
     for m in prompt:
@@ -728,6 +753,34 @@ def chat_messages(prompt):
     if not prompt[-1]["content"].strip():
         raise BadRow("the last user turn is empty")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_messages(prompt):
+    """The chat messages of a prompt string in Anthropic-HH's (and Nectar's) format, "\\n\\nHuman: a\\n\\nAssistant: b
+    \\n\\nHuman: c\\n\\nAssistant:" (the leading newlines optional): [user a, assistant b, user c], the contents
+    stripped and the final empty Assistant: turn left out. None for any other string: one that does not start with
+    Human:, whose turns do not alternate Human/Assistant, with an empty turn, or that does not end with an empty
+    Assistant: turn."""
+    if not isinstance(prompt, str) or not prompt.lstrip().startswith("Human:"):
+        return None
+    parts = HH_TURN.split("\n\n" + prompt.lstrip())  # ["", "Human", " a", "Assistant", " b", ..., "Assistant", ""]
+    roles, contents = parts[1::2], [c.strip() for c in parts[2::2]]
+    if (parts[0] or len(roles) < 2 or len(roles) % 2 or contents[-1] or not all(contents[:-1])
+            or roles != ["Human", "Assistant"] * (len(roles) // 2)):
+        return None
+    return [{"role": "user" if role == "Human" else "assistant", "content": content}
+            for role, content in zip(roles[:-1], contents[:-1])]
+
+
+def report_converted(prompts, where):
+    """One line saying how many prompt strings hh_messages turned into chat messages (none: nothing said)."""
+    converted = sum(hh_messages(p) is not None for p in prompts)
+    if converted:
+        print0(f"{where}: converted {converted} of {len(prompts)} prompts from the Human:/Assistant: format to chat "
+               "messages (--convert_hh false to keep them as one user turn)")
 
 
 STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
@@ -746,9 +799,9 @@ def apply_template(tokenizer, messages, date=None, **kwargs):
         raise BadRow(f"the chat template raised {type(e).__name__}: {first_line(e)}")
 
 
-def prompt_tokens(tokenizer, prompt, date=None):
+def prompt_tokens(tokenizer, prompt, date=None, convert_hh=False):
     """(text, token ids) of the templated prompt + generation prompt: what generate.py samples after. Raises BadRow."""
-    text = apply_template(tokenizer, chat_messages(prompt), date, add_generation_prompt=True)
+    text = apply_template(tokenizer, chat_messages(prompt, convert_hh), date, add_generation_prompt=True)
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -794,7 +847,8 @@ def load_online(cfg, tokenizer, model_config, world):
     check_prompt_column(rows, cfg.prompt_column, cfg.dataset)
     texts = list(rows[cfg.prompt_column])
     ids = list(rows["prompt_id"]) if "prompt_id" in rows.column_names else list(range(len(texts)))
-    tokens, _ = template_prompts(texts, tokenizer, cfg.max_prompt_len, cfg.dataset, world)
+    note_pad_outside(tokenizer, vocab_size(model_config), cfg.model)
+    tokens, _ = template_prompts(texts, tokenizer, cfg.max_prompt_len, cfg.dataset, world, convert_hh=cfg.convert_hh)
     if not tokens:
         fail(f"{cfg.dataset}: no prompt to sample from")
     prompts = [dict(index=i, prompt_id=ids[i], prompt=texts[i], ids=tokens[i]) for i in sorted(tokens)]
@@ -835,19 +889,21 @@ def load_reward(cfg, world):
     return reward
 
 
-def template_prompts(prompts, tokenizer, max_prompt_len, where, world, date=None):
+def template_prompts(prompts, tokenizer, max_prompt_len, where, world, date=None, convert_hh=False):
     """({row: token ids of the templated prompt}, [(row, why dropped)]): prompts the chat template refuses, or longer
-    than max_prompt_len tokens, are dropped and counted with their reason."""
+    than max_prompt_len tokens, are dropped and counted with their reason. convert_hh: as chat_messages."""
     tokens, dropped = {}, []
     for i, prompt in enumerate(tqdm(prompts, desc="template prompts", unit="prompt",
                                     disable=world.rank != 0 or len(prompts) < 1000)):
         try:
-            tokens[i] = prompt_tokens(tokenizer, prompt, date)[1]
+            tokens[i] = prompt_tokens(tokenizer, prompt, date, convert_hh)[1]
             if len(tokens[i]) > max_prompt_len:
                 raise BadRow(f"longer than --max_prompt_len {max_prompt_len} tokens")
         except BadRow as e:
             tokens.pop(i, None)
             dropped.append((i, str(e)))
+    if convert_hh:
+        report_converted(prompts, where)
     report_dropped(dropped, len(prompts), where)
     return tokens, dropped
 
@@ -1204,6 +1260,15 @@ def load_model_config(name, **overrides):
 def vocab_size(config):
     """Rows of the input embedding (a multimodal config keeps them in its text config)."""
     return getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+
+
+def note_pad_outside(tokenizer, rows, name):
+    """One line when the tokenizer's pad id is not a row of the model's embedding (REBEL-Llama-3's [PAD] is id 128256
+    of 128,256 rows): nothing breaks, since pads are masked and padded with an id of the embedding instead."""
+    pad = tokenizer.pad_token_id
+    if pad is not None and not 0 <= pad < rows:
+        print0(f"note: the pad token of {name} ({tokenizer.pad_token!r}, id {pad}) is outside its {rows}-row "
+               "embedding; pads are masked, so an id of the embedding pads instead")
 
 
 def decoder_layers(name, model):
