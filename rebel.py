@@ -874,7 +874,7 @@ def load_reward(cfg, world):
         reward.fingerprint = sha256(open(cfg.reward_fn.rpartition(":")[0], "rb").read())
         return reward
     settings = scoring.Config(reward_model=cfg.reward_model, reward_base=cfg.reward_base, dtype=cfg.dtype,
-                              trust_remote_code=cfg.trust_remote_code)
+                              trust_remote_code=cfg.trust_remote_code, convert_hh=cfg.convert_hh)
     tokenizer = load_tokenizer(scoring.reward_tokenizer_source(settings))
     model = scoring.load_reward_model(settings, compute_dtype(cfg.dtype, world.device), tokenizer)
     model = model.to(world.device).eval()

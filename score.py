@@ -89,6 +89,8 @@ class Config:
     seed: int = arg(0, "seed of the train/test split", "[0, 4294967296)")
     report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send the run's summary (counts, reward "
                                                              "statistics) to this tracker")
+    convert_hh: bool = arg(True, "a prompt string in Anthropic-HH/Nectar's Human:/Assistant: format is its turns in the "
+                           "reward model's chat template (as generate.py and rebel.py template it)")
 
     def __post_init__(self):
         check_config(self)
@@ -539,7 +541,7 @@ def model_rewards(model, tokenizer, rows, block, cfg, device):
     gating_ids = tokenizer.encode(ARMO_GATING_TEXT, add_special_tokens=False) if is_armo(model.config) else None
     sequences, out = [], []
     for i in block:
-        messages, truncated = chat_messages(rows[i]["prompt"]), rows[i].get("truncated")
+        messages, truncated = chat_messages(rows[i]["prompt"], cfg.convert_hh), rows[i].get("truncated")
         truncated = truncated if isinstance(truncated, list) else []  # Starling-RM's " </s>" closes the ended only
         try:
             ended = [j >= len(truncated) or truncated[j] is not True for j in range(len(rows[i]["responses"]))]
