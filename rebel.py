@@ -855,8 +855,8 @@ def load_online(cfg, tokenizer, model_config, world):
     reward = load_reward(cfg, world)
 
     def score(samples):
-        rows = {i: dict(prompt=prompts[i]["prompt"], responses=[sample_record(tokenizer, ids, cut)[0]
-                                                                for ids, cut in s]) for i, s in samples.items()}
+        rows = {i: dict(prompt=prompts[i]["prompt"], truncated=[cut for _, cut in s],
+                        responses=[sample_record(tokenizer, ids, cut)[0] for ids, cut in s]) for i, s in samples.items()}
         return reward(rows)
     return OnlineRun(prompts, stop_token_ids(tokenizer, cfg.model, model_config), score,
                      fingerprint([[p["prompt_id"], p["ids"]] for p in prompts] + [reward.fingerprint]))

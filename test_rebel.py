@@ -4602,9 +4602,50 @@ def gpu_check(args):
     return 0 if run_gpu_check(folder, SMOKE_SIZES if "--smoke" in args else GPU_SIZES)["passed"] else 1
 
 
+def online_bench_worker(mode, model, prompts, reward, output_dir):
+    """One online update (under torchrun): `gather` samples as rebel.py does, the policy gathered once per rollout;
+    `plain` calls generate on the sharded policy, whose FSDP hooks gather every layer at every decoding step
+    (synced_gpus, so that processes which stop at different steps do not hang)."""
+    if mode == "plain":
+        rebel.gathered = lambda model: contextlib.nullcontext(model)
+        generate_on = transformers.GenerationMixin.generate
+        transformers.GenerationMixin.generate = lambda self, *a, **k: generate_on(self, *a, synced_gpus=True, **k)
+    rebel.main(rebel.parse_config(rebel.Config, online_flags(
+        model, prompts, output_dir, reward_fn=reward, total_episodes=8, batch_size=8, max_new_tokens=32,
+        rollout_block=4, epochs_per_batch=1, save_every=0, save_final="false")))
+
+
+def online_bench(folder="runs/bench_online", repeats=3):
+    """Rollout seconds of one online update on 2 processes, gathered once vs plain generate (median of `repeats`)."""
+    os.makedirs(folder, exist_ok=True)
+    model = make_model(os.path.join(folder, "model"), hidden=256, layers=8, heads=8, kv_heads=4, vocab_size=2048)
+    prompts = write_prompts(os.path.join(folder, "prompts.jsonl"), 16)
+    with open(os.path.join(folder, "rewards.py"), "w") as f:
+        f.write(ONLINE_REWARD)
+    seconds = {"gather": [], "plain": []}
+    for r in range(repeats):
+        for mode in seconds:
+            out = os.path.join(folder, f"{mode}_{r}")
+            shutil.rmtree(out, ignore_errors=True)
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+                       "online_bench_worker", mode, model, prompts, os.path.join(folder, "rewards.py:length"), out]
+            subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            seconds[mode].append(next(m["rollout_s"] for m in read_jsonl(os.path.join(out, "metrics.jsonl"))
+                                      if "rollout_s" in m))
+    median = {mode: sorted(v)[len(v) // 2] for mode, v in seconds.items()}
+    for mode, v in seconds.items():
+        print(f"{mode:>7}: rollout {median[mode]:.2f} s (median of {len(v)}; min {min(v):.2f}, max {max(v):.2f})")
+    print(f"gathered once per rollout / plain generate: {median['plain'] / median['gather']:.2f}× faster")
+    return median
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["demo"]:  # python test_rebel.py demo [output folder]
         run_demo(*sys.argv[2:3])
+    elif sys.argv[1:2] == ["online_bench"]:  # python test_rebel.py online_bench [folder]
+        online_bench(*sys.argv[2:3])
+    elif sys.argv[1:2] == ["online_bench_worker"]:
+        online_bench_worker(*sys.argv[2:])
     elif sys.argv[1:2] == ["memory_probe"]:
         memory_probe(*sys.argv[2:])
     elif sys.argv[1:2] == ["gpu"]:  # python test_rebel.py gpu [output folder] [--smoke]
