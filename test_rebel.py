@@ -3418,6 +3418,15 @@ class TestBench:
         print_table([bench_rows(tmp_path, tokenizer, pairs, llama, gsm8k) for _ in range(repeats)])
 
 
+    @pytest.mark.skipif(
+        os.environ.get("RUN_BENCH") != "1", reason="benchmark: RUN_BENCH=1 pytest test_rebel.py -k bench -s"
+    )
+    def test_bench_online(self, tmp_path):
+        """One online update on 2 processes: the policy gathered once per rollout vs generate on the sharded policy."""
+        median = online_bench(str(tmp_path), repeats=int(os.environ.get("BENCH_REPEATS", "3")))
+        assert median["gather"] < median["plain"]
+
+
 class TestGPUCheck:
     """The GPU check (python test_rebel.py gpu) at tiny sizes on CPU."""
 
@@ -3437,6 +3446,7 @@ class TestGPUCheck:
             "correctness",
             "llama_1b",
             "generation",
+            "online",
         }
         assert len(report["sections"]["llama_1b"]["training"]) == 4 and "predicted_8b" in report["sections"]["slice_8b"]
         assert "| section | measure |" in open(tmp_path / "out" / "gpu_check.log").read()
@@ -3856,7 +3866,7 @@ LLAMA_3_8B = dict(
 )
 TINY = dict(vocab_size=1024, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
 GPU_SIZES = dict(
-    budget=dict(setup=25, correctness=140, llama_1b=115, slice_8b=100, generation=70),  # seconds: 450 in all
+    budget=dict(setup=25, correctness=125, llama_1b=100, slice_8b=85, generation=60, online=55),  # s: 450 in all
     small=dict(hidden=256, layers=4, heads=4, kv_heads=2),
     llama_1b=LLAMA_3_1B,
     llama_8b=LLAMA_3_8B,
@@ -3872,11 +3882,12 @@ GPU_SIZES = dict(
     new_tokens=128,
     gsm8k_questions=32,
     gsm8k_new_tokens=256,
+    online_prompts=8,
     torchrun=True,
 )
 SMOKE_SIZES = dict(
     GPU_SIZES,
-    budget=dict(setup=60, correctness=120, llama_1b=60, slice_8b=60, generation=60),
+    budget=dict(setup=60, correctness=120, llama_1b=60, slice_8b=60, generation=60, online=90),
     small=dict(hidden=32, layers=2),
     llama_1b=dict(LLAMA_3_1B, **TINY, intermediate_size=64, num_hidden_layers=2),
     llama_8b=dict(LLAMA_3_8B, **TINY, intermediate_size=112),
@@ -3892,6 +3903,7 @@ SMOKE_SIZES = dict(
     new_tokens=3,
     gsm8k_questions=2,
     gsm8k_new_tokens=3,
+    online_prompts=2,
     torchrun=False,
 )
 # dense bf16 tensor-core FLOP/s from NVIDIA's datasheets (half their with-sparsity figures); the first name found counts
@@ -4545,6 +4557,38 @@ def gpu_generation(ctx):
     )
 
 
+def gpu_online(ctx):
+    """rebel.py --online: two updates on the 1B model (bf16), sampled with the policy gathered once per rollout: the
+    KL is 0 at update 1, the first pass regresses on π_t (loss ≈ mean (η·Δr)² in bf16), rollout throughput."""
+    s = ctx.sizes
+    folder = ctx.llama_1b or save_random_llama(ctx, "llama_1b", s["llama_1b"])
+    prompts = write_prompts(os.path.join(ctx.scratch, "online_prompts.jsonl"), 2 * s["online_prompts"])
+    with open(os.path.join(ctx.scratch, "online_rewards.py"), "w") as f:
+        f.write(ONLINE_REWARD)
+    out = os.path.join(ctx.scratch, "online")
+    flags = online_flags(folder, prompts, out, reward_fn=os.path.join(ctx.scratch, "online_rewards.py:length"),
+                         batch_size=s["online_prompts"], total_episodes=2 * s["online_prompts"], lr=1e-6,
+                         max_new_tokens=s["new_tokens"], rollout_block=s["online_prompts"], num_layers_unfrozen=2,
+                         micro_batch_size=1, save_every=0, save_final="false", eval_micro_batch_size=4, kl_coef=0.05,
+                         missing_eos_penalty=-4.0, reward_scale=1.0)
+    code, _ = launch(ctx, rebel, flags[2:] + ["--online", "true"], "online")
+    row(ctx, "rebel.py --online true, 2 updates of the 1B model", "ran" if code == 0 else str(code), ok=code == 0)
+    if code != 0:
+        return
+    rows, metrics = read_jsonl(os.path.join(out, "rollouts.jsonl")), read_jsonl(os.path.join(out, "metrics.jsonl"))
+    kl0 = max(abs(r[f"{side}_kl"]) for r in rows if r["update"] == 1 for side in ("chosen", "rejected"))
+    row(ctx, "KL(π_t‖π_0) at update 1 (π_t = π_0)", f"{kl0:.2g}", "0", ok=kl0 == 0)
+    gaps = [r["chosen_reward"] - r["rejected_reward"] for r in rows if r["update"] == 1]
+    first = next(m for m in metrics if m.get("pass") == 1)
+    target = sum(g * g for g in gaps) / len(gaps)
+    row(ctx, "first pass loss vs mean (η·Δr)² (bf16 forwards of other batch shapes)", f"{first['loss']:.4g} vs "
+        f"{target:.4g}", "within 5% + 0.05", ok=abs(first["loss"] - target) <= 0.05 * target + 0.05)
+    stats = [m for m in metrics if "rollout_s" in m]
+    ctx.out["online"] = stats
+    row(ctx, f"rollout: {s['online_prompts']} prompts × 2 samples, ≤ {s['new_tokens']} new tokens, policy gathered once",
+        f"{stats[-1]['rollout_tokens_per_s']:.0f} tokens/s ({stats[-1]['rollout_s']:.1f} s)")
+
+
 def run_gpu_check(folder, sizes, scratch=None):
     """Every section in turn (each within its budget; a failure ends only its own), then the table. Returns the
     report."""
@@ -4565,7 +4609,7 @@ def run_gpu_check(folder, sizes, scratch=None):
         torch.set_num_threads(1)
     try:
         for name, fn in (("setup", gpu_setup), ("correctness", gpu_correctness), ("llama_1b", gpu_llama_1b),
-                         ("slice_8b", gpu_slice_8b), ("generation", gpu_generation)):
+                         ("slice_8b", gpu_slice_8b), ("generation", gpu_generation), ("online", gpu_online)):
             run_section(ctx, name, fn)
     finally:
         torch.set_num_threads(threads)
