@@ -6,8 +6,10 @@ REBEL trains a policy πθ by regressing the difference of two log-ratios onto t
 
 Offline (default; REBEL-Llama-3-Armo-iter_k): pairs (prompt x, chosen y, rejected y', rewards) come from generate.py
 → score.py or a released dataset, and the sampled token ids they carry are exactly the tokens trained; πref is the
-policy at the start of the run, its log-probs computed once (cached in output_dir/ref_logprobs.jsonl). Plain PyTorch
-with FSDP2 (`fully_shard`). Defaults reproduce REBEL-Llama-3-Armo-iter_1 (Meta-Llama-3-8B-Instruct, η 1e6).
+policy at the start of the run, its log-probs computed once (cached in output_dir/ref_logprobs.jsonl). Online
+(--online true; REBEL-OpenChat-3.5, REBEL-Llama-3): every update samples from the current policy π_t, scores with a
+KL penalty to π_0, and regresses with πref = π_t (`rollout`). Plain PyTorch with FSDP2 (`fully_shard`). Defaults
+reproduce REBEL-Llama-3-Armo-iter_1 (Meta-Llama-3-8B-Instruct, η 1e6); recipes/ holds every model-card row.
 
     # one process (CPU or one GPU), a tiny run:
     python rebel.py --model path/to/model --dataset pairs.jsonl --total_episodes 64 --batch_size 8
@@ -18,6 +20,8 @@ with FSDP2 (`fully_shard`). Defaults reproduce REBEL-Llama-3-Armo-iter_1 (Meta-L
     # several nodes (run on every node; README: SLURM):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 rebel.py
     # resume after a crash or a job's time limit: the same command plus --resume
+    # online REBEL, one row of the model card (recipes/*.yaml hold each script's settings):
+    torchrun --nproc_per_node=8 rebel.py --config recipes/rebel-llama-3.yaml
 """
 import contextlib
 import dataclasses
