@@ -367,7 +367,8 @@ def rollout(policy, run, update, cfg, world):
                          chosen_ids=chosen, rejected_ids=rejected, chosen_score=scores[i][c],
                          rejected_score=scores[i][r], chosen_kl=kl[c], rejected_kl=kl[r], chosen_reward=reward[c],
                          rejected_reward=reward[r]))
-    check_reward_gaps(pairs, cfg, [f"{cfg.dataset} row {run.prompts[i]['index']} (update {update + 1})" for i in picked])
+    check_reward_gaps(pairs, cfg, [f"{cfg.dataset} row {run.prompts[i]['index']} (update {update + 1})"
+                                   for i in picked])  # an overflowing loss: named now, not as inf
     flat = [(len(ids), not cut, x, logp_t[n] - logp_0[n]) for n, ((ids, cut), x) in enumerate(
         (s, x) for i in picked for s, x in zip(samples[i], scores[i]))]
     length, stopped, score, kl = (float(np.mean(v)) for v in zip(*flat))

@@ -178,7 +178,8 @@ def function_rewards(fn, spec, rows, block):
     out, extra = [], extra_arguments(fn)
     for i in block:
         rewards = []
-        columns = {k: v for k, v in rows[i].items() if k not in ("prompt", "response") and (extra is True or k in extra)}
+        columns = {k: v for k, v in rows[i].items()
+                   if k not in ("prompt", "response") and (extra is True or k in extra)}
         for j, response in enumerate(rows[i]["responses"]):
             try:
                 value = fn(copy.deepcopy(rows[i]["prompt"]), response, **copy.deepcopy(columns))
