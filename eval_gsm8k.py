@@ -74,8 +74,10 @@ def load_docs(source, split):
         if not os.path.isfile(path):
             fail(f"{path}: no such file (--data is a folder with train.jsonl and test.jsonl)")
         rows = []
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM and blank lines, as `datasets` reads .jsonl files
             for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
                 try:
                     rows.append((f"{path} line {n}", json.loads(line)))
                 except json.JSONDecodeError as e:

@@ -16,6 +16,7 @@ samples from Meta-Llama-3-8B-Instruct for each UltraFeedback prompt. Writes one 
     num_tokens     num_samples ints: tokens sampled, the stop token included
     temperature, top_p   the sampling settings (rebel.py checks its --temperature against them)
     chat_date      only where the chat template writes today's date: the one it wrote, when this output was begun
+    sampled_by     the fingerprint of the model's files (rebel.py drops pairs sampled by a model other than --model)
 
 score.py scores the responses and picks the pairs that rebel.py trains on, token for token.
 
@@ -48,6 +49,7 @@ but not on the number of processes. Each finished block is saved atomically as O
 rerun checks and skips saved blocks (a damaged one is redone; blocks made with other settings, prompts or model files
 are refused), and the output is merged from the shards at the end. Delete OUTPUT.shards to sample afresh.
 """
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -126,12 +128,15 @@ def stop_token_ids(tokenizer, model, model_config):
     tokenizer's eos, and the chat template's end-of-turn token (found from the template; e.g. <|eot_id|>, which
     older Llama-3 configs do not list). Warns when the template's token is missing from the model's configs."""
     from transformers import GenerationConfig
+    # a multimodal config (Qwen2.5-VL's) may keep it in its text config only
+    config_eos = getattr(model_config, "eos_token_id", None) or getattr(model_config.get_text_config(), "eos_token_id",
+                                                                        None)
     try:
-        listed = [GenerationConfig.from_pretrained(model).eos_token_id, model_config.eos_token_id]
+        listed = [GenerationConfig.from_pretrained(model).eos_token_id, config_eos]
     except OSError as e:  # no generation_config.json is fine; a broken one is not
         if os.path.isfile(os.path.join(model, "generation_config.json")):
             fail(f"{model}/generation_config.json cannot be read: {first_line(e)}")
-        listed = [model_config.eos_token_id]
+        listed = [config_eos]
     configured = {t for eos in listed for t in (eos if isinstance(eos, list) else [eos]) if t is not None}
     eot = end_of_turn(tokenizer)
     if eot is None:
@@ -272,14 +277,17 @@ def main(cfg):
             model = load_pretrained(AutoModelForCausalLM, cfg.model, dtype=dtype).to(world.device).eval()
             sample = lambda b, block: [[sample_record(tokenizer, *s) for s in samples] for samples in hf_sample(
                 model, [tokens[i] for i in block], **sampling(cfg), stop_ids=stop_ids, seed=derive_seed(cfg.seed, b))]
+        sampled_by = files_fingerprint(cfg.model)  # once loaded (a Hub model is then in the cache): rebel.py checks it
 
         def work(b, block):
+            with sampling_errors(cfg.dtype, dtype):
+                samples = sample(b, block)
             rows = [dict(index=i, prompt_id=prompt_ids[i], prompt=prompts[i], prompt_ids=tokens[i],
                          responses=[s[0] for s in samples], response_ids=[s[3] for s in samples],
                          truncated=[s[1] for s in samples], num_tokens=[s[2] for s in samples],
-                         temperature=cfg.temperature, top_p=cfg.top_p,
+                         temperature=cfg.temperature, top_p=cfg.top_p, sampled_by=sampled_by,
                          **({"chat_date": chat_date} if chat_date else {}))
-                    for i, samples in zip(block, sample(b, block))]
+                    for i, samples in zip(block, samples)]
             return rows, sum(sum(row["num_tokens"]) for row in rows)
         return work
 
@@ -329,6 +337,18 @@ def output_chat_date(cfg, tokenizer):
 
 # ======================================================================= nothing below this line is sampling
 # The resumable blocks that score.py shares: shards saved atomically, checked, merged; the output file.
+
+@contextlib.contextmanager
+def sampling_errors(flag, dtype):
+    """One line for sampling that overflowed: inf or nan probabilities, as float16 gives on models trained in bf16."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        fail(f"sampling in --dtype {flag} ({str(dtype).replace('torch.', '')}) gave inf or nan probabilities (an "
+             "overflow): use --dtype bfloat16 or --dtype float32")
+
 
 def derive_seed(*keys):
     """A seed from (seed, block, ...): well-separated streams for neighbouring keys."""

@@ -137,10 +137,15 @@ def rebel_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, reward_chos
     return (logratio_diff - eta * (reward_chosen - reward_rejected)) ** 2  # Eq. (1)
 
 
-def token_logprobs(hidden, weight, targets, temperature):
-    """log softmax(h·Wᵀ / T)[target] of a chunk of positions: hidden [n, d], weight [vocab, d], targets [n] → [n] nats,
-    in fp32 (dividing in place: no second vocabulary-sized copy)."""
-    logits = F.linear(hidden, weight).float().div_(temperature)
+def token_logprobs(hidden, weight, targets, temperature, bias=None, scale=1.0, softcap=None):
+    """log softmax(z / T)[target] of a chunk of positions, z the logits as the model's own forward makes them:
+    (h·Wᵀ + b)·scale, then c·tanh(·/c) where it soft-caps (see `head_transform`). hidden [n, d], weight [vocab, d],
+    targets [n] → [n] nats, in fp32 (dividing in place: no second vocabulary-sized copy)."""
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits * (scale / softcap)) * (softcap / temperature)
+    else:
+        logits.div_(temperature / scale)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -152,10 +157,11 @@ def response_logprobs(self, input_ids, token_at, sequence_of, temperature, chunk
     hidden = self.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_at)  # [response tokens, d]
     targets = input_ids.reshape(-1).index_select(0, token_at + 1)  # position p predicts token p + 1
-    weight = self.get_output_embeddings().weight
+    head, (scale, softcap) = self.get_output_embeddings(), head_transform(self.config)  # Granite's ÷8, Gemma-2's cap
     pieces = []
     for s in range(0, len(targets), chunk_size):
-        args = (hidden[s:s + chunk_size], weight, targets[s:s + chunk_size], temperature)
+        args = (hidden[s:s + chunk_size], head.weight, targets[s:s + chunk_size], temperature, head.bias, scale,
+                softcap)
         pieces.append(torch.utils.checkpoint.checkpoint(token_logprobs, *args, use_reentrant=False)
                       if torch.is_grad_enabled() else token_logprobs(*args))
     per_token = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
@@ -367,6 +373,8 @@ def rollout(policy, run, update, cfg, world):
                          chosen_ids=chosen, rejected_ids=rejected, chosen_score=scores[i][c],
                          rejected_score=scores[i][r], chosen_kl=kl[c], rejected_kl=kl[r], chosen_reward=reward[c],
                          rejected_reward=reward[r]))
+    check_reward_gaps(pairs, cfg, [f"{cfg.dataset} row {run.prompts[i]['index']} (update {update + 1})"
+                                   for i in picked])  # an overflowing loss: named now, not as inf
     flat = [(len(ids), not cut, x, logp_t[n] - logp_0[n]) for n, ((ids, cut), x) in enumerate(
         (s, x) for i in picked for s, x in zip(samples[i], scores[i]))]
     length, stopped, score, kl = (float(np.mean(v)) for v in zip(*flat))
@@ -398,6 +406,7 @@ def build_model(cfg, world, dtype, frozen=False):
         model.generation_config = loaded.generation_config  # Llama-3's two stop tokens, saved with the final model
     model.starting_dtype = starting_dtype
     layers = decoder_layers(cfg.model, model)
+    on_rank0(check_architecture, cfg.model, model if world.rank else loaded)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -523,7 +532,7 @@ def load_pairs(cfg, tokenizer, vocab_size, world):
     """Train and eval pairs, tokenised and length-filtered. Without an eval split (e.g. one .jsonl file), eval_size
     seeded rows of the train data are held out and never trained on."""
     single_file = os.path.isfile(cfg.dataset)  # one data file is one split
-    train_rows = require_split(cfg.dataset, "train" if single_file else cfg.train_split)
+    train_rows = require_split(cfg.dataset, train_split(cfg))
     if not len(train_rows):
         fail(f"dataset {cfg.dataset!r}: no rows")
     eval_rows = None if single_file else load_split(cfg.dataset, cfg.eval_split)
@@ -550,16 +559,52 @@ def load_pairs(cfg, tokenizer, vocab_size, world):
                    "temperature")
     where = f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]"
     note_pad_outside(tokenizer, vocab_size, cfg.model)
-    pairs = tokenize_pairs(train_rows, tokenizer, where, vocab_size, world, cfg.convert_hh)
+    policy = policy_tokens(cfg.model, tokenizer)  # what says a pair was sampled by this model
+    pairs = tokenize_pairs(train_rows, tokenizer, where, vocab_size, world, cfg.convert_hh, **policy)
     train_pairs = [p for p in pairs if p["index"] not in held_out]
     eval_pairs = [p for p in pairs if p["index"] in held_out]
     if eval_rows is not None:
         eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", vocab_size, world,
-                                    cfg.convert_hh)
+                                    cfg.convert_hh, **policy)
     train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
     if eval_pairs:
         eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
+    eval_where = where if eval_rows is None else f"{cfg.dataset}[{cfg.eval_split}]"
+    for pairs, at in ((train_pairs, where), (eval_pairs or [], eval_where)):
+        check_reward_gaps(pairs, cfg, [f"{at} row {p['index']}" for p in pairs])
     return train_pairs, eval_pairs
+
+
+def train_split(cfg):
+    """The split of --dataset to train on: "train" for a single file (its one split), refusing another --train_split
+    there rather than ignoring it."""
+    if not os.path.isfile(cfg.dataset):
+        return cfg.train_split
+    if cfg.train_split not in ("train", Config.train_split, ONLINE_DEFAULTS["train_split"]):
+        fail(f"--train_split {cfg.train_split!r}: {cfg.dataset} is one file, which has one split, 'train'")
+    return "train"
+
+
+def policy_tokens(model, tokenizer):
+    """{stop_ids, model_files} of the policy, which sampled_ids and tokenize_pairs check the pairs against: the tokens
+    that end a sampled response (the chat template's end of turn, the tokenizer's eos, the config's eos ids), and the
+    fingerprint of its files (read by rank 0; a local folder is cheap)."""
+    config = load_model_config(model)
+    listed = getattr(config, "eos_token_id", None) or getattr(config.get_text_config(), "eos_token_id", None)
+    stop_ids = {t for t in (listed if isinstance(listed, list) else [listed]) if isinstance(t, int)}
+    stop_ids |= {t for t in (end_of_turn(tokenizer), tokenizer.eos_token_id) if t is not None}
+    return dict(stop_ids=stop_ids, model_files=from_rank0(files_fingerprint(model) if dist.get_rank() == 0 else None))
+
+
+def check_reward_gaps(pairs, cfg, names):
+    """Fail in one line naming the first pair whose η·(chosen_reward − rejected_reward) is finite but so large that
+    the loss, its square summed over a batch, overflows (it would stop the run at the update that draws it)."""
+    for pair, name in zip(pairs, names):
+        gap = cfg.eta * (pair["chosen_reward"] - pair["rejected_reward"])
+        if not math.isfinite(gap * gap * cfg.batch_size):
+            fail(f"{name}: η·(chosen_reward − rejected_reward) = {cfg.eta:g}·({pair['chosen_reward']:g} − "
+                 f"{pair['rejected_reward']:g}) is too large: the loss, its square, overflows; rescale the rewards "
+                 "or lower --eta")
 
 
 def pick_column(columns, names, where):
@@ -572,14 +617,16 @@ def pick_column(columns, names, where):
     fail(f"{where}: missing column {' or '.join(map(repr, names))} (columns: {', '.join(columns)})")
 
 
-def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None, convert_hh=False):
+def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None, convert_hh=False, stop_ids=None,
+                   model_files=None):
     """Token ids of every usable pair: [{index (row in the split), prompt_ids, chosen_ids, rejected_ids, chosen_reward,
     rejected_reward}], sorted by index. With the columns prompt_ids/chosen_ids/rejected_ids (generate.py → score.py)
     they are the sampled tokens; else the chat template of the texts (`text_ids`). Rows that cannot be used are
     dropped and counted with their reason; a reward that is not a finite number stops the run, naming the row, before
     any model work. A chat template that writes today's date is rendered at the row's chat_date (generate.py's), else
-    at rank 0's now. convert_hh: prompt strings in the Human:/Assistant: format are their turns (`hh_messages`).
-    Each process does every world.size-th row; all get the same pairs and the same count."""
+    at rank 0's now. convert_hh: prompt strings in the Human:/Assistant: format are their turns (`hh_messages`). A
+    row whose sampled_by (generate.py's fingerprint of the model's files) is not `model_files` was sampled by another
+    model, and is dropped. Each process does every world.size-th row; all get the same pairs and the same count."""
     rank, size = (world.rank, world.size) if world else (0, 1)
     cols = rows.column_names
     prompt, chosen, rejected, chosen_reward, rejected_reward = (pick_column(cols, names, where) for names in (
@@ -600,8 +647,11 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None, convert_hh=Fa
                 if isinstance(row[col], bool) or not isinstance(row[col], (int, float)) or not math.isfinite(row[col]):
                     fail(f"{where} row {i}: column {col!r} must be a finite number, got {row[col]!r}")
             date = chat_date(row.get("chat_date")) or now
-            ids = (sampled_ids(row, [row[chosen], row[rejected]], tokenizer, vocab_size, date, convert_hh) if sampled
-                   else text_ids(row[prompt], [row[chosen], row[rejected]], tokenizer, eot, date, convert_hh))
+            if not same_model(row.get("sampled_by"), model_files):
+                raise BadRow("sampled by another model: its files differ from --model's")
+            texts = [row[chosen], row[rejected]]
+            ids = (sampled_ids(row, texts, tokenizer, vocab_size, date, convert_hh, stop_ids) if sampled
+                   else text_ids(row[prompt], texts, tokenizer, eot, date, convert_hh))
             pairs.append(dict(index=i, prompt_ids=ids[0], chosen_ids=ids[1], rejected_ids=ids[2],
                               chosen_reward=float(row[chosen_reward]), rejected_reward=float(row[rejected_reward])))
         except BadRow as e:
@@ -625,6 +675,12 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None, convert_hh=Fa
     return sorted((p for part, _, _ in parts for p in part), key=lambda p: p["index"])
 
 
+def same_model(sampled_by, model_files):
+    """False only when both fingerprints are known (neither absent nor an unresolved "hub:..." name) and differ."""
+    known = [f for f in (sampled_by, model_files) if isinstance(f, str) and not f.startswith("hub:")]
+    return len(known) < 2 or known[0] == known[1]
+
+
 def chat_date(value):
     """A row's chat_date (ISO 8601, written by generate.py) as a datetime; None when absent. Raises BadRow."""
     if value is None or hasattr(value, "strftime"):  # `datasets` may read the column as timestamps: datetimes
@@ -636,10 +692,12 @@ def chat_date(value):
                      f"{str(value)[:40]!r}") from None
 
 
-def sampled_ids(row, texts, tokenizer, vocab_size, date=None, convert_hh=False):
+def sampled_ids(row, texts, tokenizer, vocab_size, date=None, convert_hh=False, stop_ids=None):
     """(prompt ids, chosen ids, rejected ids) as sampled, checked: integers of the vocabulary, prompt ids equal to this
     tokenizer's templated prompt at `date` (else the pair was sampled with another model), and response ids that
-    decode to the response `texts` that were scored, as generate.py decoded them. Raises BadRow."""
+    decode to the response `texts` that were scored, as generate.py decoded them: all of them, or all but a last stop
+    token (`stop_ids`, default the template's end of turn and the tokenizer's eos), which sampling leaves out of the
+    text. Raises BadRow."""
     ids = [row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]]
     if not all(isinstance(x, list) and x and all(type(t) is int and 0 <= t < vocab_size for t in x) for x in ids):
         raise BadRow("prompt_ids, chosen_ids and rejected_ids must be non-empty lists of integers in "
@@ -649,9 +707,11 @@ def sampled_ids(row, texts, tokenizer, vocab_size, date=None, convert_hh=False):
         raise BadRow("prompt_ids are not this tokenizer's chat template of the prompt (sampled with another model?"
                      + (" the template writes today's date, and the row has no chat_date saying which day it was "
                         "sampled)" if dated else ")"))
+    if stop_ids is None:
+        stop_ids = {t for t in (end_of_turn(tokenizer), tokenizer.eos_token_id) if t is not None}
     for name, response, text in zip(("chosen", "rejected"), ids[1:], texts):
-        if text not in (tokenizer.decode(response[:-1], skip_special_tokens=True),
-                        tokenizer.decode(response, skip_special_tokens=True)):
+        if text != tokenizer.decode(response, skip_special_tokens=True) and not (
+                response[-1] in stop_ids and text == tokenizer.decode(response[:-1], skip_special_tokens=True)):
             raise BadRow(f"{name}_ids do not decode to the {name} text (edited after sampling, or decoded another "
                          "way?)")
     return ids
@@ -842,7 +902,7 @@ def load_online(cfg, tokenizer, model_config, world):
     from generate import fingerprint, sample_record, stop_token_ids
     if bool(cfg.reward_model) == bool(cfg.reward_fn):
         fail("--online: give one of --reward_model and --reward_fn")
-    rows = require_split(cfg.dataset, "train" if os.path.isfile(cfg.dataset) else cfg.train_split)
+    rows = require_split(cfg.dataset, train_split(cfg))
     if "chosen_reward" in rows.column_names:
         fail(f"--online: {cfg.dataset} is a file of scored pairs (chosen_reward); online REBEL samples and scores its "
              "own: give prompts, or train offline without --online")
@@ -860,7 +920,8 @@ def load_online(cfg, tokenizer, model_config, world):
 
     def score(samples):
         rows = {i: dict(prompt=prompts[i]["prompt"], truncated=[cut for _, cut in s],
-                        responses=[sample_record(tokenizer, ids, cut)[0] for ids, cut in s]) for i, s in samples.items()}
+                        responses=[sample_record(tokenizer, ids, cut)[0] for ids, cut in s])
+                for i, s in samples.items()}
         return reward(rows)
     return OnlineRun(prompts, stop_token_ids(tokenizer, cfg.model, model_config), score,
                      fingerprint([[p["prompt_id"], p["ids"]] for p in prompts] + [reward.fingerprint]))
@@ -1227,10 +1288,20 @@ def lock_folder(folder):
 
 # ----------------------------------------------------------------------------- models and tokenizers
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer_files(folder):
+    return any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(name, padding_side="right"):
     from transformers import AutoTokenizer
     if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         fail(f"model {name!r}: no such folder, and not a Hub id (owner/name)")
+    if os.path.isdir(name) and not has_tokenizer_files(name):
+        fail(f"model {name}: no tokenizer files ({' / '.join(TOKENIZER_FILES)}) in the folder; copy them there from "
+             "the model it was trained from")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side=padding_side)
     except (OSError, ValueError) as e:  # no such folder or Hub id, no access, offline
@@ -1284,13 +1355,64 @@ def decoder_layers(name, model):
     return layers
 
 
+# Head fields of the installed transformers' CausalLM forwards, applied by token_logprobs: the logits are multiplied
+# by these fields (Granite's logits_scaling divides), then soft-capped c·tanh(logits / c) by these.
+HEAD_SCALES = {"logits_scaling": {"granite": -1, "hyperclovax": 1}, "logit_scale": {"cohere": 1, "aya_vision": 1},
+               "lm_head_multiplier": {"falcon_h1": 1}, "output_multiplier": {"muse": 1}}  # model_type prefix: power
+HEAD_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+HEAD_REFUSED = {"chameleon": "its forward masks the image tokens' logits", "inkling": "its forward caps or cuts the "
+                "logits its own way (Inkling2Softcap, unpadded_vocab_size)"}
+
+
+def head_transform(config, name=None):
+    """(scale, softcap) of the logits as the model's own forward makes them from its head's output: Granite's
+    ÷logits_scaling, Cohere's ×logit_scale, Falcon-H1's ×lm_head_multiplier, then Gemma-2/3's final_logit_softcapping
+    c·tanh(x/c) (None: no cap). Fails in one line naming the field on a model whose forward does something else."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = {str(getattr(c, "model_type", "")) for c in (config, text)}
+    for prefix, why in HEAD_REFUSED.items():
+        if any(t.startswith(prefix) for t in types):
+            fail(f"{name or config.model_type}: {why}, which response_logprobs does not apply")
+    scale, softcap = 1.0, None
+    for field, powers in HEAD_SCALES.items():
+        value = getattr(text, field, None)
+        if value is None:
+            continue
+        power = next((p for prefix, p in powers.items() if any(t.startswith(prefix) for t in types)), None)
+        if power is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            fail(f"{name or config.model_type}: its config's {field} ({value!r}) scales the logits in a way "
+                 f"response_logprobs does not know for model type {'/'.join(sorted(types))}")
+        scale *= float(value) ** power
+    caps = [getattr(text, f) for f in HEAD_SOFTCAPS if getattr(text, f, None)]
+    if caps:
+        if len(caps) > 1 or isinstance(caps[0], bool) or not isinstance(caps[0], (int, float)) or caps[0] <= 0:
+            fail(f"{name or config.model_type}: logit soft-capping {caps} that response_logprobs cannot apply")
+        softcap = float(caps[0])
+    return scale, softcap
+
+
 def check_architecture(name, model):
-    """Fail in one line on a policy whose log-probs response_logprobs would not compute as its own forward does."""
+    """Fail in one line on a policy whose log-probs response_logprobs would not compute as its own forward does: the
+    head's bias, scaling and soft-capping are applied (head_transform); anything else is refused. With real weights
+    (rank 0's loaded copy), also compare log-probs at 8 positions with the model's own forward (two short forwards)."""
+    scale, softcap = head_transform(model.config, name)
     head = model.get_output_embeddings()
-    if head.bias is not None or getattr(model.config, "final_logit_softcapping", None) or getattr(
-            model.config, "logit_scale", None):
-        fail(f"{name}: its output head has a bias, logit soft-capping or scaling, which response_logprobs does not "
-             "apply")
+    if not isinstance(head, torch.nn.Linear):
+        fail(f"{name}: its output head is a {type(head).__name__}, not a linear layer: response_logprobs computes "
+             "h·Wᵀ + b")
+    if head.weight.is_meta:
+        return
+    ids = torch.arange(8)[None] * 7 % head.weight.shape[0]
+    with torch.no_grad():
+        own = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+        targets = torch.stack([own.argmax(-1), own.argmin(-1),
+                               *torch.randint(own.shape[-1], (4, 8), generator=torch.Generator().manual_seed(0))])
+        mine = torch.stack([token_logprobs(hidden, head.weight, t, 1.0, head.bias, scale, softcap) for t in targets])
+    gap = (own.gather(-1, targets.T).T - mine).abs().max().item()
+    if not gap <= 1e-3 * max(1.0, own.abs().max().item()):
+        fail(f"{name}: the log-probs response_logprobs computes differ from {type(model).__name__}'s own forward (by "
+             f"{gap:.3g} nats): its head does something to the logits that rebel.py does not apply")
 
 
 def load_pretrained(cls, name, **kwargs):
@@ -1319,6 +1441,9 @@ def parse_config(cls, argv=None):
     parser = HfArgumentParser(cls, description=sys.modules[cls.__module__].__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", help="YAML or JSON file of settings (field: value, or a "
                         "recipe's section named after this script); flags given too override it")
+    for action in parser._actions:  # HfArgumentParser gives --no_flag the help of --flag, which says the opposite
+        if any(o.startswith("--no_") for o in action.option_strings) and action.const is False:
+            action.help = f"turn --{action.dest} off"
     paths = parser.parse_known_args(argv)[0].config or []
     if len(paths) > 1:
         fail(f"--config given {len(paths)} times ({', '.join(paths)}): give one settings file, and flags for the rest")
@@ -1426,12 +1551,42 @@ def changed_settings(old, new, names, flags=None):
 
 
 def run_script(main, cls, how_to_continue, argv=None):
-    """main(its config from the command line); Ctrl-C ends with one line saying how to continue, not a traceback."""
+    """main(its config from the command line); Ctrl-C and a full disk end with one line saying how to continue, not a
+    traceback. The process group is destroyed on every way out (else an error after it exists may abort the process,
+    rc 134, "terminate called without an active exception")."""
     try:
         main(parse_config(cls, argv))
     except KeyboardInterrupt:
         print0(f"\ninterrupted: {how_to_continue}")
         raise SystemExit(130) from None
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is not an Exception
+        full = None if isinstance(e, SystemExit) else disk_full(e)
+        if full is None:
+            raise
+        raise SystemExit(f"error: no space left on device{f' ({full.filename})' if full.filename else ''}: free some "
+                         f"space, then {how_to_continue} (what was saved is kept)") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def disk_full(error):
+    """The OSError ENOSPC in an exception's chain (causes, contexts, a CheckpointException's failures), or None."""
+    import errno
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, tuple):  # CheckpointException's failures are (exception, traceback) pairs
+            todo += [x for x in e if isinstance(x, BaseException)]
+            continue
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        failures = getattr(e, "failures", None)
+        todo += [e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else [])]
+    return None
 
 
 # ----------------------------------------------------------------------------- processes

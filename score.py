@@ -31,7 +31,8 @@ ArmoRM and Eurus-RM run their repository's code only with --trust_remote_code; S
 
     # reward model, one process (CPU or one GPU):
     python score.py --input gen.jsonl --reward_model path/to/rm --output pairs.jsonl
-    # a rule-based reward: a function (prompt, response) -> float in a Python file
+    # a rule-based reward: a function (prompt, response) -> float in a Python file; it also gets the row's other
+    # columns that its signature names (e.g. `answer` for a verifiable reward), or all of them with **kwargs
     python score.py --input gen.jsonl --reward_fn my_rewards.py:correct --output pairs.jsonl
     # one node, 8 GPUs, one reward model per GPU, with a held-out test split (rebel.py's default split names):
     torchrun --nproc_per_node=8 score.py --input runs/iter_1/generations.jsonl --output runs/iter_1/pairs \\
@@ -57,9 +58,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from generate import fingerprint, open_shards, run_blocks, write_rows
-from rebel import (BadRow, arg, chat_messages, check_config, check_output, check_prompt_column, check_writable,
-                   compute_dtype, fail, first_line, init_distributed, load_tokenizer, log_summary, print0,
-                   replace_path, require_split, run_script, sha256)
+from rebel import (TOKENIZER_FILES, BadRow, arg, chat_messages, check_config, check_output, check_prompt_column,
+                   check_writable, compute_dtype, fail, first_line, has_tokenizer_files, init_distributed,
+                   load_tokenizer, log_summary, print0, replace_path, require_split, run_script, sha256)
 
 
 @dataclass
@@ -71,7 +72,8 @@ class Config:
                       "(save_to_disk)")
     reward_model: str = arg("RLHFlow/ArmoRM-Llama3-8B-v0.1", "sequence-classification reward model or ArmoRM (Hub id "
                             "or local folder)")
-    reward_fn: str = arg("", "instead of a reward model: path/to/file.py:name, a function (prompt, response) -> float")
+    reward_fn: str = arg("", "instead of a reward model: path/to/file.py:name, a function (prompt, response, "
+                         "**the row's columns it names) -> float")
     reward_base: str = arg("meta-llama/Llama-2-7b-chat-hf", "config and tokenizer of a reward model saved as a bare "
                            "state dict (Starling-RM-7B-alpha: the model it was trained from)")
     trust_remote_code: bool = arg(False, "run the Python code in the reward model's folder/repository (ArmoRM and "
@@ -89,8 +91,8 @@ class Config:
     seed: int = arg(0, "seed of the train/test split", "[0, 4294967296)")
     report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send the run's summary (counts, reward "
                                                              "statistics) to this tracker")
-    convert_hh: bool = arg(True, "a prompt string in Anthropic-HH/Nectar's Human:/Assistant: format is its turns in the "
-                           "reward model's chat template (as generate.py and rebel.py template it)")
+    convert_hh: bool = arg(True, "a prompt string in Anthropic-HH/Nectar's Human:/Assistant: format is its turns in "
+                           "the reward model's chat template (as generate.py and rebel.py template it)")
 
     def __post_init__(self):
         check_config(self)
@@ -158,16 +160,34 @@ def check_reward(value, where):
     fail(f"{where}: the reward must be a finite number, got {value!r}")
 
 
+def extra_arguments(fn):
+    """The names of the row's other columns that the reward function takes as keyword arguments (e.g. `answer`, for a
+    verifiable reward): those its signature names after (prompt, response); every column (True) with **kwargs."""
+    import inspect
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]
+    except (TypeError, ValueError):  # a builtin or C function: (prompt, response) only
+        return set()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def function_rewards(fn, spec, rows, block):
-    """{index, rewards, cut, dropped} for each row of the block, from the Python reward function (which fails
-    loudly)."""
-    out = []
+    """{index, rewards, cut, dropped} for each row of the block, from the Python reward function fn(prompt, response,
+    **the row's other columns it takes), given copies (an edit by the function changes no row); it fails loudly."""
+    import copy
+    out, extra = [], extra_arguments(fn)
     for i in block:
         rewards = []
+        columns = {k: v for k, v in rows[i].items()
+                   if k not in ("prompt", "response") and (extra is True or k in extra)}
         for j, response in enumerate(rows[i]["responses"]):
             try:
-                value = fn(rows[i]["prompt"], response)
-            except Exception as e:  # noqa: BLE001 — any failure is reported with its row
+                value = fn(copy.deepcopy(rows[i]["prompt"]), response, **copy.deepcopy(columns))
+            except (Exception, SystemExit) as e:  # noqa: BLE001 — any failure, sys.exit() too, is reported with its row
+                if isinstance(e, SystemExit):
+                    fail(f"--reward_fn {spec} called sys.exit({e.code!r}) on row {i}, response {j}")
                 fail(f"--reward_fn {spec} raised on row {i}, response {j}: {type(e).__name__}: {e}")
             rewards.append(check_reward(value, f"--reward_fn {spec} on row {i}, response {j}"))
         out.append(dict(index=i, rewards=rewards, cut=0, dropped=None))
@@ -178,7 +198,6 @@ def function_rewards(fn, spec, rows, block):
 
 # Llama-3: 128009, 128006, 78191, 128007, 271
 ARMO_GATING_TEXT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 STARLING_FILES = ("pytorch_model.bin", "model.safetensors")  # the Hub's Starling-RM-7B-alpha: pytorch_model.bin
 
 
@@ -205,10 +224,6 @@ def is_starling(name):
         return cached_file(name, "config.json", _raise_exceptions_for_missing_entries=False) is None
     except (OSError, ValueError):  # no such repository, offline, or not a Hub id at all
         return False
-
-
-def has_tokenizer_files(folder):
-    return any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
 
 
 def reward_tokenizer_source(cfg):
