@@ -114,6 +114,11 @@ class Config:
             fail("--engine vllm: vLLM is not installed (pip install vllm), or use --engine hf")
 
 
+# what generate.py writes in each row; the input's other columns are carried through beside them
+OUTPUT_COLUMNS = ("index", "prompt", "prompt_ids", "responses", "response_ids", "truncated", "num_tokens",
+                  "temperature", "top_p", "sampled_by", "chat_date")
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def make_blocks(lengths, size):
@@ -247,6 +252,9 @@ def main(cfg):
         data = data.select(range(min(cfg.limit, len(data))))
     prompts = list(data[cfg.prompt_column])
     prompt_ids = list(data["prompt_id"]) if "prompt_id" in data.column_names else list(range(len(data)))
+    # the input's other columns (e.g. a gold answer) go into the output rows: a reward function can take them
+    carried = {c: list(data[c]) for c in data.column_names
+               if c not in (cfg.prompt_column, "prompt_id", *OUTPUT_COLUMNS)}
     tokens, dropped = template_prompts(prompts, tokenizer, cfg.max_prompt_len, cfg.prompts, world, date,
                                        cfg.convert_hh)
     if not tokens:
@@ -256,7 +264,8 @@ def main(cfg):
     stop_ids = stop_token_ids(tokenizer, cfg.model, model_config)
     settings = {**{k: v for k, v in dataclasses.asdict(cfg).items()
                    if k not in ("output", "report_to", "format", "generator")},  # those two only shape the output
-                "prompts_sha256": fingerprint([i, prompt_ids[i], tokens[i]] for i in kept), "stop_ids": stop_ids,
+                "prompts_sha256": fingerprint([i, prompt_ids[i], tokens[i], {c: v[i] for c, v in carried.items()}]
+                                              for i in kept), "stop_ids": stop_ids,
                 "chat_date": chat_date}
     shards, old = open_shards(cfg.output, settings, flags=dataclasses.asdict(cfg), paths=("model", "prompts"))
     print0(f"{len(kept)} prompts × {cfg.num_samples} samples | {len(blocks)} blocks of {cfg.batch_size} prompts | "
@@ -282,7 +291,8 @@ def main(cfg):
         def work(b, block):
             with sampling_errors(cfg.dtype, dtype):
                 samples = sample(b, block)
-            rows = [dict(index=i, prompt_id=prompt_ids[i], prompt=prompts[i], prompt_ids=tokens[i],
+            rows = [dict({c: v[i] for c, v in carried.items()}, index=i, prompt_id=prompt_ids[i], prompt=prompts[i],
+                         prompt_ids=tokens[i],
                          responses=[s[0] for s in samples], response_ids=[s[3] for s in samples],
                          truncated=[s[1] for s in samples], num_tokens=[s[2] for s in samples],
                          temperature=cfg.temperature, top_p=cfg.top_p, sampled_by=sampled_by,
@@ -357,7 +367,7 @@ def derive_seed(*keys):
 
 def fingerprint(items):
     """The checksum of an input's items, so that shards of one input are never merged with another's."""
-    return sha256("".join(json.dumps(item) for item in items))
+    return sha256("".join(json.dumps(item, default=str) for item in items))
 
 
 def open_shards(output, settings, flags=(), paths=()):
@@ -392,7 +402,7 @@ def read_manifest(shards):
 
 def block_text(rows):
     """A block's file: its rows as JSON lines, then a line with their sha256, so that damage is seen, not merged."""
-    text = "".join(json.dumps(row) + "\n" for row in rows)
+    text = "".join(json.dumps(row, default=str) + "\n" for row in rows)  # default: e.g. a carried date column
     return text + json.dumps({"sha256": sha256(text)}) + "\n"
 
 

@@ -915,11 +915,13 @@ def load_online(cfg, tokenizer, model_config, world):
     tokens, _ = template_prompts(texts, tokenizer, cfg.max_prompt_len, cfg.dataset, world, convert_hh=cfg.convert_hh)
     if not tokens:
         fail(f"{cfg.dataset}: no prompt to sample from")
-    prompts = [dict(index=i, prompt_id=ids[i], prompt=texts[i], ids=tokens[i]) for i in sorted(tokens)]
+    other = {c: list(rows[c]) for c in rows.column_names if c not in (cfg.prompt_column, "prompt")}  # for --reward_fn
+    prompts = [dict(index=i, prompt_id=ids[i], prompt=texts[i], ids=tokens[i],
+                    columns={c: v[i] for c, v in other.items()}) for i in sorted(tokens)]
     reward = load_reward(cfg, world)
 
     def score(samples):
-        rows = {i: dict(prompt=prompts[i]["prompt"], truncated=[cut for _, cut in s],
+        rows = {i: dict(prompts[i]["columns"], prompt=prompts[i]["prompt"], truncated=[cut for _, cut in s],
                         responses=[sample_record(tokenizer, ids, cut)[0] for ids, cut in s])
                 for i, s in samples.items()}
         return reward(rows)

@@ -3096,7 +3096,9 @@ class TestModelCardInputs:
         capsys.readouterr()
         runs = {}
         for name, model in (("inside", inside), ("outside", outside)):
-            generated = read_jsonl(gen(model, prompts, tmp_path / f"{name}.jsonl", max_new_tokens=8, batch_size=3))
+            generated = [{k: v for k, v in row.items() if k != "sampled_by"}  # the model folders differ
+                         for row in read_jsonl(gen(model, prompts, tmp_path / f"{name}.jsonl", max_new_tokens=8,
+                                                   batch_size=3))]
             printed = capsys.readouterr().out
             assert (
                 f"note: the pad token of {model} ('[PAD]', id {rows}) is outside its {rows}-row embedding" in printed
@@ -3346,6 +3348,34 @@ class TestRewardFunctions:
         rows, data, fn = self.rows(tmp_path)
         pairs = read_jsonl(run_score(data, tmp_path / "pairs.jsonl", reward_fn=f"{fn}:edits"))
         assert [p["prompt"] for p in pairs] == [r["prompt"] for r in rows]
+
+
+class TestGoldAnswers:
+    """A prompts file's other columns (a gold answer) reach the reward function: through generate.py and score.py,
+    and online."""
+
+    GOLD = "def gold(prompt, response, answer):\n    return float(answer) + len(response) / 100\n"
+
+    def test_offline_generate_carries_the_column_and_score_passes_it(self, tiny_model, tmp_path):
+        prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                              [{"prompt": f"the sea {i}", "answer": str(i)} for i in range(4)])
+        rows = read_jsonl(gen(tiny_model, prompts, tmp_path / "gen.jsonl"))
+        assert [r["answer"] for r in rows] == ["0", "1", "2", "3"]
+        (tmp_path / "r.py").write_text(self.GOLD)
+        pairs = read_jsonl(run_score(str(tmp_path / "gen.jsonl"), tmp_path / "pairs.jsonl",
+                                     reward_fn=f"{tmp_path / 'r.py'}:gold", drop_truncated=False))
+        assert pairs and all(p["rewards"] == [float(p["answer"]) + len(r) / 100 for r in p["responses"]] for p in pairs)
+
+    def test_online_reward_function_gets_the_column(self, online_case, tmp_path):
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+            {"prompt_id": f"q{i}", "prompt": f"the sea {i}", "answer": str(10 * i)} for i in range(4)])
+        (tmp_path / "r.py").write_text(self.GOLD)
+        out = train_online(online_case.model, prompts, tmp_path / "run", reward_fn=f"{tmp_path / 'r.py'}:gold",
+                           total_episodes=4, epochs_per_batch=1)
+        tokenizer = rebel.load_tokenizer(online_case.model)
+        for r in read_jsonl(os.path.join(out, "rollouts.jsonl")):
+            text = tokenizer.decode(r["chosen_ids"], skip_special_tokens=True)
+            assert r["chosen_score"] == pytest.approx(10 * int(r["prompt_id"][1:]) + len(text) / 100)
 
 
 class TestOneLineErrors:
