@@ -277,7 +277,7 @@ def reference_logprobs(model, splits, cfg, world, run_key):
 def train_step(model, optimizer, batch, ref_logps, cfg, world, update):
     """One optimizer step on the mean REBEL loss over `batch` (all processes' pairs): each process runs its
     micro-batches and divides by its share of the batch; FSDP averages the gradients over processes, giving the
-    global batch mean. Returns the batch's mean loss and log-ratios, the gradient norm and the tokens it trained."""
+    global batch mean. Returns ({the batch's mean loss and log-ratios, the gradient norm}, the tokens it trained)."""
     sums = torch.zeros(4, dtype=torch.float64, device=world.device)  # Σ loss, Σ log-ratio chosen, rejected, tokens
     for pairs in micro_batches(batch, range(len(batch)), cfg.micro_batch_size)[world.rank::world.size]:
         logp_c, logp_r = policy_logprobs(model, pairs, cfg, world).double()
@@ -298,7 +298,7 @@ def train_step(model, optimizer, batch, ref_logps, cfg, world, update):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(loss=loss, logratio_chosen=logratio_chosen, logratio_rejected=logratio_rejected,
-                grad_norm=grad_norm, tokens=tokens * len(batch))
+                grad_norm=grad_norm), tokens * len(batch)
 
 
 def evaluate(model, pairs, ref_logps, cfg, world):
@@ -359,28 +359,17 @@ def rollout(policy, run, update, cfg, world):
     logp_t, logp_0 = ({t["index"] + s: logps[t["index"]][s] for t in twos for s in range(min(2, k - t["index"] % k))}
                       for logps in (all_logprobs(m, twos, cfg, world, f"log {name}")
                                     for m, name in ((policy, "π_t"), (run.initial, "π_0"))))
-    pairs, ref_logps, rows = [], {}, []
+    pairs, ref_logps, picks = [], {}, []
     for n, i in enumerate(picked):
         kl = [logp_t[n * k + j] - logp_0[n * k + j] for j in range(k)]
         score = [cfg.missing_eos_penalty if cut else x * cfg.reward_scale for (_, cut), x in zip(samples[i], scores[i])]
         reward = [x - cfg.kl_coef * d for x, d in zip(score, kl)]
         c, r = int(np.argmax(reward)), k - 1 - int(np.argmin(reward[::-1]))
-        (chosen, _), (rejected, _) = samples[i][c], samples[i][r]
-        pairs.append(dict(index=n, prompt_ids=run.prompts[i]["ids"], chosen_ids=chosen, rejected_ids=rejected,
-                          chosen_reward=reward[c], rejected_reward=reward[r]))
+        pairs.append(dict(index=n, prompt_ids=run.prompts[i]["ids"], chosen_ids=samples[i][c][0],
+                          rejected_ids=samples[i][r][0], chosen_reward=reward[c], rejected_reward=reward[r]))
         ref_logps[n] = (logp_t[n * k + c], logp_t[n * k + r])
-        rows.append(dict(update=update + 1, prompt_id=run.prompts[i]["prompt_id"], prompt_ids=run.prompts[i]["ids"],
-                         chosen_ids=chosen, rejected_ids=rejected, chosen_score=scores[i][c],
-                         rejected_score=scores[i][r], chosen_kl=kl[c], rejected_kl=kl[r], chosen_reward=reward[c],
-                         rejected_reward=reward[r]))
-    check_reward_gaps(pairs, cfg, [f"{cfg.dataset} row {run.prompts[i]['index']} (update {update + 1})"
-                                   for i in picked])  # an overflowing loss: named now, not as inf
-    flat = [(len(ids), not cut, x, logp_t[n] - logp_0[n]) for n, ((ids, cut), x) in enumerate(
-        (s, x) for i in picked for s, x in zip(samples[i], scores[i]))]
-    length, stopped, score, kl = (float(np.mean(v)) for v in zip(*flat))
-    seconds = time.time() - start
-    stats = dict(score=score, kl=kl, stopped=stopped, response_tokens=length, rollout_s=seconds,
-                 rollout_tokens_per_s=length * len(flat) / seconds)
+        picks.append((i, c, r, kl))
+    rows, stats = rollout_records(run, update, pairs, picks, samples, scores, time.time() - start, cfg)
     return pairs, ref_logps, rows, stats
 
 
@@ -398,15 +387,8 @@ def build_model(cfg, world, dtype, frozen=False):
     starting_dtype = config.dtype or torch.float32  # final/ is saved in it (bf16 for Llama-3)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    loaded = on_rank0(load_pretrained, AutoModelForCausalLM, cfg.model, config=config, dtype=torch.float32,
-                      share=False)
-    full = loaded.state_dict() if world.rank == 0 else {}
-    buffers = {n: b for n, b in loaded.named_buffers() if n not in full} if world.rank == 0 else None  # rotary's
-    if world.rank == 0:
-        model.generation_config = loaded.generation_config  # Llama-3's two stop tokens, saved with the final model
-    model.starting_dtype = starting_dtype
-    layers = decoder_layers(cfg.model, model)
-    on_rank0(check_architecture, cfg.model, model if world.rank else loaded)
+    model.starting_dtype, layers = starting_dtype, decoder_layers(cfg.model, model)
+    full, buffers = read_weights_on_rank0(cfg.model, config, model)  # {} and None on the other ranks
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -491,12 +473,10 @@ def main(cfg):
             batch = [train_pairs[i] for i in global_batch(len(train_pairs), cfg.batch_size, update, cfg.seed)]
             batch_ref = ref_logps["train"]
         for epoch in range(cfg.epochs_per_batch):  # one optimizer step per pass over the batch
-            step = train_step(model, optimizer, batch, batch_ref, cfg, world, update)
+            step, tokens = train_step(model, optimizer, batch, batch_ref, cfg, world, update)
             seconds = time.time() - start
-            record = dict(update=update + 1, **({"pass": epoch + 1} if cfg.epochs_per_batch > 1 else {}),
-                          loss=step["loss"], logratio_chosen=step["logratio_chosen"],
-                          logratio_rejected=step["logratio_rejected"], lr=lr, grad_norm=step["grad_norm"],
-                          pairs_per_s=cfg.batch_size * (epoch + 1) / seconds, tokens_per_s=step["tokens"] / seconds,
+            record = dict(update=update + 1, **({"pass": epoch + 1} if cfg.epochs_per_batch > 1 else {}), **step,
+                          lr=lr, pairs_per_s=cfg.batch_size * (epoch + 1) / seconds, tokens_per_s=tokens / seconds,
                           pairs_seen=(update + 1) * cfg.batch_size)
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3g}", pairs_s=f"{record['pairs_per_s']:.1f}",
@@ -997,6 +977,21 @@ def gathered(model):
         model.train(training)
 
 
+def rollout_records(run, update, pairs, picks, samples, scores, seconds, cfg):
+    """(rows of rollouts.jsonl, the update's statistics) of an online update's pairs; a reward gap whose squared
+    regression target overflows stops the run here, naming the prompt, rather than as an inf loss later."""
+    check_reward_gaps(pairs, cfg, [f"{cfg.dataset} row {run.prompts[i]['index']} (update {update + 1})"
+                                   for i, *_ in picks])
+    rows = [dict(update=update + 1, prompt_id=run.prompts[i]["prompt_id"], prompt_ids=p["prompt_ids"],
+                 chosen_ids=p["chosen_ids"], rejected_ids=p["rejected_ids"], chosen_score=scores[i][c],
+                 rejected_score=scores[i][r], chosen_kl=kl[c], rejected_kl=kl[r], chosen_reward=p["chosen_reward"],
+                 rejected_reward=p["rejected_reward"]) for p, (i, c, r, kl) in zip(pairs, picks)]
+    flat = [(len(ids), not cut, x, d) for i, _, _, kl in picks for (ids, cut), x, d in zip(samples[i], scores[i], kl)]
+    length, stopped, score, kl = (float(np.mean(v)) for v in zip(*flat))
+    return rows, dict(score=score, kl=kl, stopped=stopped, response_tokens=length, rollout_s=seconds,
+                      rollout_tokens_per_s=length * len(flat) / seconds)
+
+
 # ----------------------------------------------------------------------------- the run's state
 
 def derived_sizes(cfg, world):
@@ -1346,6 +1341,21 @@ def note_pad_outside(tokenizer, rows, name):
     if pad is not None and not 0 <= pad < rows:
         print0(f"note: the pad token of {name} ({tokenizer.pad_token!r}, id {pad}) is outside its {rows}-row "
                "embedding; pads are masked, so an id of the embedding pads instead")
+
+
+def read_weights_on_rank0(name, config, model):
+    """(the full fp32 state dict, the buffers that checkpoints leave out, e.g. rotary's) of the checkpoint, read by rank
+    0 alone (one copy in host memory); {} and None elsewhere. Rank 0 also gives `model` (on the meta device) the
+    checkpoint's generation config (Llama-3's two stop tokens, saved with final/) and checks that its head computes as
+    response_logprobs does. A checkpoint that cannot be loaded stops every rank in one line."""
+    from transformers import AutoModelForCausalLM
+    loaded = on_rank0(load_pretrained, AutoModelForCausalLM, name, config=config, dtype=torch.float32, share=False)
+    on_rank0(check_architecture, name, model if dist.get_rank() else loaded)
+    if dist.get_rank() != 0:
+        return {}, None
+    model.generation_config = loaded.generation_config
+    full = loaded.state_dict()
+    return full, {n: b for n, b in loaded.named_buffers() if n not in full}
 
 
 def decoder_layers(name, model):
