@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rebel import (STRFTIME_NOW, arg, atomic_write, changed_settings, check_config, check_output,
+from rebel import (STRFTIME_NOW, arg, arrow_table, atomic_write, changed_settings, check_config, check_output,
                    check_prompt_column, check_writable, compute_dtype, end_of_turn, fail, files_fingerprint, first_line,
                    from_rank0, init_distributed, load_model_config, load_pretrained, load_tokenizer, lock_folder,
                    log_summary, print0, replace_path, require_split, run_script, sha256, template_prompts)
@@ -219,6 +219,8 @@ def main(cfg):
         data = data.select(range(min(cfg.limit, len(data))))
     prompts = list(data[cfg.prompt_column])
     prompt_ids = list(data["prompt_id"]) if "prompt_id" in data.column_names else list(range(len(data)))
+    if cfg.output.endswith(".parquet"):  # ids or prompts that a parquet file cannot hold: said before sampling
+        arrow_table([dict(prompt_id=i, prompt=p) for i, p in zip(prompt_ids, prompts)], cfg.output)
     tokens, dropped = template_prompts(prompts, tokenizer, cfg.max_prompt_len, cfg.prompts, world, date)
     if not tokens:
         fail(f"{cfg.prompts}: no prompt to sample from" + (f" ({dropped[0][1]}, ...)" if dropped else ""))
@@ -423,7 +425,7 @@ def write_rows(path, rows):
     if path.endswith(".parquet"):
         from datasets import Dataset
         tmp = f"{path}.tmp{os.getpid()}"
-        Dataset.from_list(rows).to_parquet(tmp)
+        Dataset(arrow_table(rows, path)).to_parquet(tmp)  # exact values (uint64 ids), or one line saying why not
         replace_path(tmp, path)
     else:
         # default: `datasets` reads chat_date back as a datetime (score.py passes it on)
