@@ -413,6 +413,17 @@ def write_parquet(path, rows):
     return str(path)
 
 
+def json_column_folder(path, rows, column="prompt", split="train_prefs"):
+    """A save_to_disk folder whose `column` has the Json feature, as `datasets` reads a column mixing strings and
+    lists: it decodes every string that looks like JSON."""
+    import datasets
+    columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+    features = datasets.Dataset.from_dict({k: v for k, v in columns.items() if k != column}).features
+    features[column] = datasets.Json()
+    datasets.DatasetDict({split: datasets.Dataset.from_dict(columns, features=features)}).save_to_disk(str(path))
+    return str(path)
+
+
 def write_pairs(path, n=40, seed=0, schema="common", message_prompts=False):
     """Preference pairs of random words in the common schema (rejected, rejected_reward) or Cornell-AGI's
     (reject...)."""
@@ -1693,10 +1704,10 @@ class TestInputs:
                 r"two_ids\.parquet\[train\]: has chosen_ids, rejected_ids but not all of prompt_ids",
                 id="partial-id-columns",
             ),
-            pytest.param(
+            pytest.param(  # a data file is read as written: only data that `datasets` decodes as JSON is refused
                 lambda f: dict(
-                    dataset=write_jsonl(
-                        f.tmp / "mixed.jsonl",
+                    dataset=json_column_folder(
+                        f.tmp / "mixed",
                         [
                             dict(r, prompt=[{"role": "user", "content": "hi"}]) if i == 1 else r
                             for i, r in enumerate(f.good)
