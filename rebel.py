@@ -1523,11 +1523,26 @@ def load_split(source, split):
         if isinstance(data, datasets.Dataset):
             return data if split == "train" else None
         return data[split] if split in data else None
+    files = os.path.isdir(source) and folder_data_files(source)
+    if files:  # a folder of data files: `datasets` names each file's split, read_data_file reads them
+        return Rows([row for path in files[split] for row in read_data_file(path).to_list()]) if split in files else None
     try:
         available = datasets.get_dataset_split_names(source)
     except Exception as e:  # noqa: BLE001 — any loading failure is reported in one line
         fail(f"dataset {source!r} could not be opened: {type(e).__name__}: {first_line(e)}")
     return datasets.load_dataset(source, split=split) if split in available else None
+
+
+def folder_data_files(folder):
+    """{split: [file, ...]} of a folder of .json/.jsonl/.parquet files, split as `datasets` names them (train.jsonl,
+    data/test-*.parquet, a README's configs); None when it holds other files, or `datasets` cannot tell."""
+    import datasets
+    try:
+        files = {str(split): list(paths) for split, paths in datasets.load_dataset_builder(folder).config.data_files
+                 .items()}
+    except Exception:  # noqa: BLE001 — load_split then asks `datasets` itself, failing in one line
+        return None
+    return files if files and all(p.endswith(DATA_FILE_TYPES) for ps in files.values() for p in ps) else None
 
 
 def require_split(source, split):

@@ -181,3 +181,14 @@ class TestDataFiles:
         assert data.column_names == ["prompt", "x"] and len(data) == 2
         assert data.to_list() == [{"prompt": "a", "x": 1}, {"prompt": "b\u2028c", "x": None}]
         assert data.select(range(1))[0] == {"prompt": "a", "x": 1} and data["x"] == [1, None]
+
+    def test_a_folder_of_data_files_is_read_as_written(self, tmp_path):
+        # a folder of train.jsonl and test.jsonl went through `datasets` too: cached, and a column of JSON decoded
+        rows = [{"prompt": '"quoted answer"', "prompt_id": UINT64_MAX}, {"prompt": 7, "prompt_id": 1}]
+        folder = tmp_path / "data"
+        folder.mkdir()
+        write_jsonl(folder / "train.jsonl", rows)
+        write_jsonl(folder / "test.jsonl", rows[:1])
+        assert rebel.load_split(str(folder), "train").to_list() == rows
+        assert rebel.load_split(str(folder), "test").to_list() == rows[:1]
+        assert rebel.load_split(str(folder), "train_prefs") is None
