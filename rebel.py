@@ -721,7 +721,8 @@ def chat_messages(prompt):
             raise BadRow("the prompt is empty")
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list):
-        raise BadRow(f"the prompt must be a string or a list of messages, got {json_type(prompt)}")
+        raise BadRow("the prompt must be a string or a non-empty list of {'role', 'content'} messages, got "
+                     + json_type(prompt))
     if not prompt:
         raise BadRow("the prompt must be a string or a non-empty list of {'role', 'content'} messages")
     for m in prompt:
@@ -1525,7 +1526,7 @@ def load_split(source, split):
         return data[split] if split in data else None
     files = os.path.isdir(source) and folder_data_files(source)
     if files:  # a folder of data files: `datasets` names each file's split, read_data_file reads them
-        return Rows([row for path in files[split] for row in read_data_file(path).to_list()]) if split in files else None
+        return Rows([r for path in files[split] for r in read_data_file(path).to_list()]) if split in files else None
     try:
         available = datasets.get_dataset_split_names(source)
     except Exception as e:  # noqa: BLE001 — any loading failure is reported in one line

@@ -44,8 +44,8 @@ class TestDataFiles:
         assert rebel.load_split(path, "train")["prompt"] == [r["prompt"] for r in rows]
         out = train(tiny_model, path, tmp_path / "run", total_episodes=8, eval_size=0, save_final=False)
         printed = capsys.readouterr().out
-        assert "dropped 1 of 12 rows | 1 × the prompt must be a string or a list of messages, got int (first: row 7)" \
-            in printed
+        assert ("dropped 1 of 12 rows | 1 × the prompt must be a string or a non-empty list of {'role', 'content'} "
+                "messages, got int (first: row 7)") in printed
         assert trained_rows(out) == [i for i in range(12) if i != 7]
 
     def test_a_list_response_is_a_dropped_row_saying_so(self, tiny_model, tmp_path, capsys):
@@ -67,15 +67,15 @@ class TestDataFiles:
         prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the sea"}, {"prompt": 7},
                                                            {"prompt": '"the sky"'}])
         kept = read_jsonl(gen(tiny_model, prompts, tmp_path / "gen.jsonl"))
-        assert "1 × the prompt must be a string or a list of messages, got int (first: row 1)" in \
-            capsys.readouterr().out
+        assert ("1 × the prompt must be a string or a non-empty list of {'role', 'content'} messages, got int "
+                "(first: row 1)") in capsys.readouterr().out
         assert [(r["prompt_id"], r["prompt"]) for r in kept] == [(0, "the sea"), (2, '"the sky"')]
 
     def test_a_score_prompt_that_is_not_text_is_named(self, tmp_path):
         rows = [dict(prompt=p, responses=["a", "bb"], truncated=[False, False]) for p in ("x", 42, "y")]
         (tmp_path / "rewards.py").write_text(LENGTH_REWARD)
-        with pytest.raises(SystemExit, match=r"g\.jsonl row 1: the prompt must be a string or a list of messages, "
-                                             r"got int"):
+        with pytest.raises(SystemExit, match=r"g\.jsonl row 1: the prompt must be a string or a non-empty list "
+                                             r"of \{'role', 'content'\} messages, got int"):
             run_score(write_jsonl(tmp_path / "g.jsonl", rows), tmp_path / "s.jsonl",
                       reward_fn=f"{tmp_path / 'rewards.py'}:length")
 
