@@ -706,11 +706,20 @@ def report_dropped(dropped, total, where):
 def check_prompt_column(data, column, where):
     """Fail on a column that mixes strings and message lists in data that `datasets` read (a Hub dataset, a folder):
     it then keeps the column as JSON and decodes every string that looks like JSON ('"hi"' becomes hi,
-    '[{"role": ...}]' a conversation), so prompts would change silently. A data file (Rows) is read as written."""
-    if type(getattr(data, "features", {}).get(column)).__name__ == "Json":
-        fail(f"{where}: column {column!r} mixes strings and lists, which datasets reads back as JSON (a string prompt "
-             "that looks like JSON would change): give every prompt as a string, or every prompt as a list of "
-             "messages")
+    '[{"role": ...}]' a conversation), so prompts would change silently; a parquet file that `datasets` wrote from
+    such a column has them changed already. Any other data file (Rows) is read as written."""
+    if type(getattr(data, "features", {}).get(column)).__name__ != "Json" and column not in getattr(
+            data, "json_columns", ()):
+        return
+    kinds = {json_type(v) for v in data[column]}
+    kinds = [name for kind, name in JSON_KINDS.items() if kind in kinds] + sorted(kinds - JSON_KINDS.keys())
+    fail(f"{where}: column {column!r} " + (f"mixes {' and '.join(kinds)}" if len(kinds) > 1 else "is JSON")
+         + ", which datasets reads back as JSON (a string prompt that looks like JSON would change): give every "
+         "prompt as a string, or every prompt as a list of messages")
+
+
+JSON_KINDS = {"str": "strings", "list": "lists", "dict": "objects", "int": "integers", "float": "numbers",
+              "bool": "booleans", "null": "nulls"}
 
 
 def chat_messages(prompt):
@@ -1572,8 +1581,9 @@ class Rows:
     column, None where a row lacks one), rows["column"] (a list), select(indices) and to_list(). Nothing is cached or
     converted: a value is what the file holds (a JSON integer stays exact, a string that looks like JSON a string)."""
 
-    def __init__(self, rows, column_names=None):
+    def __init__(self, rows, column_names=None, json_columns=()):
         self.column_names = column_names or list(dict.fromkeys(k for row in rows for k in row))
+        self.json_columns = set(json_columns)  # of a parquet file that `datasets` wrote as JSON: decoded as it does
         self._rows = rows
 
     def __len__(self):
@@ -1587,7 +1597,7 @@ class Rows:
         return {c: self._rows[key].get(c) for c in self.column_names}
 
     def select(self, indices):
-        return Rows([self._rows[i] for i in indices], self.column_names)
+        return Rows([self._rows[i] for i in indices], self.column_names, self.json_columns)
 
     def to_list(self):
         return [self[i] for i in range(len(self))]
@@ -1630,9 +1640,21 @@ def read_data_file(path):
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
         try:
-            return Rows(pq.read_table(path).to_pylist())
+            table = pq.read_table(path)
         except Exception as e:  # noqa: BLE001 — ArrowInvalid (not parquet, cut), OSError, ...: one line
             fail(f"{path}: could not be read as parquet ({type(e).__name__}: {first_line(e)})")
+        try:  # `datasets` writes a column that it read as JSON (its Json feature) as the JSON text of each value
+            features = json.loads((table.schema.metadata or {}).get(b"huggingface", b"{}"))["info"]["features"]
+        except (ValueError, KeyError, TypeError):
+            features = {}
+        json_columns = {f.name for f in table.schema if getattr(f.type, "extension_name", None) == "arrow.json"
+                        or (features.get(f.name) or {}).get("_type") == "Json"}
+        rows = table.to_pylist()
+        for row in rows:
+            for column in json_columns:
+                if isinstance(row[column], str):
+                    row[column] = json.loads(row[column])
+        return Rows(rows, json_columns=json_columns)
     with open(path, "rb") as f:
         data = f.read()
     try:

@@ -192,3 +192,24 @@ class TestDataFiles:
         assert rebel.load_split(str(folder), "train").to_list() == rows
         assert rebel.load_split(str(folder), "test").to_list() == rows[:1]
         assert rebel.load_split(str(folder), "train_prefs") is None
+
+    def test_a_parquet_json_column_that_datasets_wrote_is_decoded_as_datasets_does(self, tmp_path):
+        # `datasets` writes a column it read as JSON as the JSON text of each value; read as it reads it, and a prompt
+        # column of that kind is refused as before (its strings that looked like JSON were decoded already)
+        import datasets
+        features = datasets.Features({"prompt": datasets.Json(), "score": datasets.Json()})
+        path = str(tmp_path / "json.parquet")
+        datasets.Dataset.from_dict({"prompt": ["hi", [{"role": "user", "content": "x"}]], "score": [1, "a"]},
+                                   features=features).to_parquet(path)
+        data = rebel.load_split(path, "train")
+        assert data.to_list() == [{"prompt": "hi", "score": 1},
+                                  {"prompt": [{"role": "user", "content": "x"}], "score": "a"}]
+        with pytest.raises(SystemExit, match=r"json\.parquet: column 'prompt' mixes strings and lists"):
+            rebel.check_prompt_column(data, "prompt", path)
+
+    def test_a_json_column_read_by_datasets_says_what_it_mixes(self):
+        import datasets
+        features = datasets.Features({"prompt": datasets.Json()})
+        data = datasets.Dataset.from_dict({"prompt": ["hi", 7]}, features=features)
+        with pytest.raises(SystemExit, match=r"hub: column 'prompt' mixes strings and integers, which datasets reads"):
+            rebel.check_prompt_column(data, "prompt", "hub")
