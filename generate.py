@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rebel import (STRFTIME_NOW, arg, atomic_write, changed_settings, check_config, check_output,
+from rebel import (STRFTIME_NOW, arg, arrow_table, atomic_write, changed_settings, check_config, check_output,
                    check_prompt_column, check_writable, compute_dtype, end_of_turn, fail, files_fingerprint, first_line,
                    from_rank0, init_distributed, load_model_config, load_pretrained, load_tokenizer, lock_folder,
                    log_summary, note_pad_outside, print0, replace_path, require_split, run_script, sha256,
@@ -255,6 +255,8 @@ def main(cfg):
     # the input's other columns (e.g. a gold answer) go into the output rows: a reward function can take them
     carried = {c: list(data[c]) for c in data.column_names
                if c not in (cfg.prompt_column, "prompt_id", *OUTPUT_COLUMNS)}
+    if cfg.output.endswith(".parquet"):  # ids or prompts that a parquet file cannot hold: said before sampling
+        arrow_table([dict(prompt_id=i, prompt=p) for i, p in zip(prompt_ids, prompts)], cfg.output)
     tokens, dropped = template_prompts(prompts, tokenizer, cfg.max_prompt_len, cfg.prompts, world, date,
                                        cfg.convert_hh)
     if not tokens:
@@ -484,7 +486,7 @@ def write_rows(path, rows):
     if path.endswith(".parquet"):
         from datasets import Dataset
         tmp = f"{path}.tmp{os.getpid()}"
-        Dataset.from_list(rows).to_parquet(tmp)
+        Dataset(arrow_table(rows, path)).to_parquet(tmp)  # exact values (uint64 ids), or one line saying why not
         replace_path(tmp, path)
     else:
         # default: `datasets` reads chat_date back as a datetime (score.py passes it on)

@@ -690,6 +690,8 @@ def sampled_ids(row, texts, tokenizer, vocab_size, date=None, convert_hh=False, 
     if stop_ids is None:
         stop_ids = {t for t in (end_of_turn(tokenizer), tokenizer.eos_token_id) if t is not None}
     for name, response, text in zip(("chosen", "rejected"), ids[1:], texts):
+        if not isinstance(text, str):
+            raise BadRow(f"the chosen and rejected responses must be strings, got {json_type(text)}")
         if text != tokenizer.decode(response, skip_special_tokens=True) and not (
                 response[-1] in stop_ids and text == tokenizer.decode(response[:-1], skip_special_tokens=True)):
             raise BadRow(f"{name}_ids do not decode to the {name} text (edited after sampling, or decoded another "
@@ -713,7 +715,7 @@ def text_ids(prompt, responses, tokenizer, eot, date=None, convert_hh=False):
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     for response in responses:
         if not isinstance(response, str):
-            raise BadRow("the chosen and rejected responses must be strings")
+            raise BadRow(f"the chosen and rejected responses must be strings, got {json_type(response)}")
         messages = chat_messages(prompt, convert_hh) + [{"role": "assistant", "content": response}]
         full = apply_template(tokenizer, messages, date)
         if not full.startswith(prompt_text):
@@ -770,12 +772,22 @@ def report_dropped(dropped, total, where):
 
 
 def check_prompt_column(data, column, where):
-    """Fail on a column that mixes strings and message lists: `datasets` then keeps it as JSON and decodes every string
-    that looks like JSON ('"hi"' becomes hi, '[{"role": ...}]' a conversation), so prompts would change silently."""
-    if type(data.features.get(column)).__name__ == "Json":
-        fail(f"{where}: column {column!r} mixes strings and lists, which datasets reads back as JSON (a string prompt "
-             "that looks like JSON would change): give every prompt as a string, or every prompt as a list of "
-             "messages")
+    """Fail on a column that mixes strings and message lists in data that `datasets` read (a Hub dataset, a folder):
+    it then keeps the column as JSON and decodes every string that looks like JSON ('"hi"' becomes hi,
+    '[{"role": ...}]' a conversation), so prompts would change silently; a parquet file that `datasets` wrote from
+    such a column has them changed already. Any other data file (Rows) is read as written."""
+    if type(getattr(data, "features", {}).get(column)).__name__ != "Json" and column not in getattr(
+            data, "json_columns", ()):
+        return
+    kinds = {json_type(v) for v in data[column]}
+    kinds = [name for kind, name in JSON_KINDS.items() if kind in kinds] + sorted(kinds - JSON_KINDS.keys())
+    fail(f"{where}: column {column!r} " + (f"mixes {' and '.join(kinds)}" if len(kinds) > 1 else "is JSON")
+         + ", which datasets reads back as JSON (a string prompt that looks like JSON would change): give every "
+         "prompt as a string, or every prompt as a list of messages")
+
+
+JSON_KINDS = {"str": "strings", "list": "lists", "dict": "objects", "int": "integers", "float": "numbers",
+              "bool": "booleans", "null": "nulls"}
 
 
 def chat_messages(prompt, convert_hh=False):
@@ -786,7 +798,10 @@ def chat_messages(prompt, convert_hh=False):
         if not prompt.strip():
             raise BadRow("the prompt is empty")
         return (convert_hh and hh_messages(prompt)) or [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not prompt:
+    if not isinstance(prompt, list):
+        raise BadRow("the prompt must be a string or a non-empty list of {'role', 'content'} messages, got "
+                     + json_type(prompt))
+    if not prompt:
         raise BadRow("the prompt must be a string or a non-empty list of {'role', 'content'} messages")
     for m in prompt:
         if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
@@ -1739,33 +1754,41 @@ def check_output(path, flag, kind, inputs=None, model=None):
 
 
 def load_split(source, split):
-    """A datasets.Dataset from a Hub id, a folder saved by `save_to_disk`, a folder of data files, or one
-    .json/.jsonl/.parquet file (which has a single split, 'train'). Returns None when the split does not exist."""
+    """The rows of a split: a Hub id, a folder saved by `save_to_disk` or a folder of data files (read by `datasets`),
+    or one .json/.jsonl/.parquet file (which has a single split, 'train'), read by `read_data_file` from its content,
+    every value exactly as written. Returns None when the split does not exist."""
     import datasets
-    kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
     check_data_source(source)
     if os.path.isfile(source):
-        kind = kinds.get(os.path.splitext(source)[1])
-        if kind is None:
+        if not source.endswith(DATA_FILE_TYPES):
             fail(f"{source}: expected a .json, .jsonl or .parquet file")
-        if split != "train":
-            return None
-        try:
-            return datasets.load_dataset(kind, data_files={"train": source}, split="train")
-        except Exception as e:  # noqa: BLE001 — name the file and, for JSON lines, the line
-            why = (kind == "json" and describe_bad_file(source)) or f"could not be read ({type(e).__name__})"
-            fail(f"{source}: {why}")
+        return read_data_file(source) if split == "train" else None
     if os.path.isdir(source) and (os.path.exists(os.path.join(source, "dataset_dict.json"))
                                   or os.path.exists(os.path.join(source, "dataset_info.json"))):
         data = datasets.load_from_disk(source)
         if isinstance(data, datasets.Dataset):
             return data if split == "train" else None
         return data[split] if split in data else None
+    files = os.path.isdir(source) and folder_data_files(source)
+    if files:  # a folder of data files: `datasets` names each file's split, read_data_file reads them
+        return Rows([r for path in files[split] for r in read_data_file(path).to_list()]) if split in files else None
     try:
         available = datasets.get_dataset_split_names(source)
     except Exception as e:  # noqa: BLE001 — any loading failure is reported in one line
         fail(f"dataset {source!r} could not be opened: {type(e).__name__}: {first_line(e)}")
     return datasets.load_dataset(source, split=split) if split in available else None
+
+
+def folder_data_files(folder):
+    """{split: [file, ...]} of a folder of .json/.jsonl/.parquet files, split as `datasets` names them (train.jsonl,
+    data/test-*.parquet, a README's configs); None when it holds other files, or `datasets` cannot tell."""
+    import datasets
+    try:
+        files = {str(split): list(paths) for split, paths in datasets.load_dataset_builder(folder).config.data_files
+                 .items()}
+    except Exception:  # noqa: BLE001 — load_split then asks `datasets` itself, failing in one line
+        return None
+    return files if files and all(p.endswith(DATA_FILE_TYPES) for ps in files.values() for p in ps) else None
 
 
 def require_split(source, split):
@@ -1786,24 +1809,179 @@ def check_data_source(source):
             fail(f"dataset {source!r}: no such file or folder, and not a Hub id (owner/name)")
 
 
-def describe_bad_file(path):
-    """Why `datasets` could not read a .json/.jsonl file: empty, or the first line that is not a JSON object."""
-    if os.path.getsize(path) == 0:
-        return "the file is empty"
-    with open(path, errors="replace") as f:
-        text = f.read()
-    try:
-        json.loads(text)
-        return None  # one valid JSON document: datasets' own complaint is the story
-    except json.JSONDecodeError:
-        pass
-    for n, line in enumerate(text.splitlines(), 1):
+DATA_FILE_TYPES = (".json", ".jsonl", ".parquet")
+
+
+class Rows:
+    """The rows of a data file, as the scripts use a datasets.Dataset: column_names, len(), rows[i] (a dict of every
+    column, None where a row lacks one), rows["column"] (a list), select(indices) and to_list(). Nothing is cached or
+    converted: a value is what the file holds (a JSON integer stays exact, a string that looks like JSON a string)."""
+
+    def __init__(self, rows, column_names=None, json_columns=()):
+        self.column_names = column_names or list(dict.fromkeys(k for row in rows for k in row))
+        self.json_columns = set(json_columns)  # of a parquet file that `datasets` wrote as JSON: decoded as it does
+        self._rows = rows
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.column_names:
+                raise KeyError(key)
+            return [row.get(key) for row in self._rows]
+        return {c: self._rows[key].get(c) for c in self.column_names}
+
+    def select(self, indices):
+        return Rows([self._rows[i] for i in indices], self.column_names, self.json_columns)
+
+    def to_list(self):
+        return [self[i] for i in range(len(self))]
+
+
+def arrow_table(rows, path):
+    """The rows as a pyarrow Table for a parquet file, every value kept exact (integers past int64, e.g. uint64 hashes
+    as prompt ids, as uint64); fails in one line on a column that parquet cannot hold as it is (e.g. integers and
+    strings, strings and lists), before the long work where the caller can."""
+    import pyarrow as pa
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    arrays = []
+    for column in columns:
+        values = [row.get(column) for row in rows]
+        present = [v for v in values if v is not None]
+        kind = None
+        if any(type(v) is int and not -2 ** 63 <= v < 2 ** 63 for v in present):
+            if not all(type(v) is int and 0 <= v < 2 ** 64 for v in present):
+                fail(f"{path}: column {column!r} holds integers that a parquet file cannot keep exact (past int64, "
+                     "and not all in [0, 2^64) for uint64): write a .jsonl file")
+            kind = pa.uint64()
+        if any(type(v) is float for v in present) and any(type(v) is int and abs(v) > 2 ** 53 for v in present):
+            fail(f"{path}: column {column!r} mixes numbers with integers past 2^53, which a parquet column of "
+                 "numbers would round: write a .jsonl file")
         try:
-            if line.strip() and not isinstance(json.loads(line), dict):
-                return f"line {n}: expected a JSON object"
+            arrays.append(pa.array(values, type=kind))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+            types = sorted({json_type(v) for v in present})
+            fail(f"{path}: column {column!r} " + (f"mixes {' and '.join(types)} values" if len(types) > 1 else
+                                                  f"cannot be written as parquet ({first_line(e)})")
+                 + ", which a parquet file cannot hold: write a .jsonl file")
+    return pa.Table.from_arrays(arrays, names=columns)
+
+
+def read_data_file(path):
+    """The Rows of a .json/.jsonl/.parquet file, read from its content (a file replaced by another of the same size
+    and time is read anew). JSON lines: one object per line, blank lines skipped, a UTF-8 BOM accepted; a .json file
+    may also be one list of objects, or one object of equal-length column lists. Fails in one line naming the file
+    and, for JSON, the line."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 — ArrowInvalid (not parquet, cut), OSError, ...: one line
+            fail(f"{path}: could not be read as parquet ({type(e).__name__}: {first_line(e)})")
+        try:  # `datasets` writes a column that it read as JSON (its Json feature) as the JSON text of each value
+            features = json.loads((table.schema.metadata or {}).get(b"huggingface", b"{}"))["info"]["features"]
+        except (ValueError, KeyError, TypeError):
+            features = {}
+        json_columns = {f.name for f in table.schema if getattr(f.type, "extension_name", None) == "arrow.json"
+                        or (features.get(f.name) or {}).get("_type") == "Json"}
+        rows = table.to_pylist()
+        for row in rows:
+            for column in json_columns:
+                if isinstance(row[column], str):
+                    row[column] = json.loads(row[column])
+        return Rows(rows, json_columns=json_columns)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        fail(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x})")
+    if not text.strip():
+        fail(f"{path}: the file is empty")
+    rows, error = json_lines(text)
+    if error:  # not JSON lines: one JSON document (`datasets` read one too)
+        try:
+            document = json.loads(text)
         except json.JSONDecodeError as e:
-            return f"line {n}: not valid JSON ({e.msg})"
+            first = next(n for n, line in enumerate(text.split("\n"), 1) if line.strip())
+            if error[0] == f"line {first}":  # a document that breaks on its first line: say where it breaks
+                error = (f"line {e.lineno}", f"not valid JSON ({e.msg})")
+        else:
+            rows, error = json_document(document)
+    elif path.endswith(".json") and len(rows) == 1 and all(isinstance(v, list) for v in rows[0][1].values()):
+        rows, error = json_document(rows[0][1])  # one object of column lists, on one line
+    if error:
+        fail(f"{path}: " + ": ".join(filter(None, error)))
+    if re.search(r"\\u[dD][89a-fA-F]", text):  # only an escape can make a lone surrogate
+        for where, row in rows:
+            found = lone_surrogate(row)
+            if found:
+                fail(f"{path}: {where}: {found} holds a lone surrogate escape (\\ud800-\\udfff without its pair), "
+                     "which is not text: fix or drop that row")
+    return Rows([row for _, row in rows])
+
+
+def json_lines(text):
+    """([(where, object)], None) of JSON lines text, or (None, (where, what is wrong)); where is "line N"."""
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): a JSON string may hold U+2028 as it is
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return None, (f"line {n}", f"not valid JSON ({e.msg})")
+        if not isinstance(row, dict):
+            return None, (f"line {n}", f"expected a JSON object, got {json_type(row)}")
+        rows.append((f"line {n}", row))
+    return rows, None
+
+
+def json_document(document):
+    """([(where, object)], None) of a JSON document: a list of objects, an object of equal-length column lists
+    (transposed) or one object; or (None, (where, what is wrong)). where is "row N"."""
+    if isinstance(document, list):
+        for i, row in enumerate(document):
+            if not isinstance(row, dict):
+                return None, (f"row {i}", f"expected a JSON object, got {json_type(row)}")
+        return [(f"row {i}", row) for i, row in enumerate(document)], None
+    if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+        lengths = {k: len(v) for k, v in document.items()}
+        if len(set(lengths.values())) > 1:
+            return None, (None, "an object of columns needs lists of one length, got "
+                          + ", ".join(f"{k!r} {n}" for k, n in lengths.items())[:200])
+        return [(f"row {i}", dict(zip(document, values))) for i, values in enumerate(zip(*document.values()))], None
+    if isinstance(document, dict):
+        return [("row 0", document)], None
+    return None, (None, f"expected JSON objects, one per line, or a list of objects; got {json_type(document)}")
+
+
+def lone_surrogate(value, where="a value"):
+    """Where in a JSON value a string holds a lone surrogate ("\\ud800" escaped in JSON: not encodable text), or
+    None."""
+    if isinstance(value, str):
+        return where if LONE_SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = lone_surrogate(k, "a column name") or lone_surrogate(v, f"column {k!r}")
+            if found:
+                return found
+    if isinstance(value, list):
+        for v in value:
+            found = lone_surrogate(v, where)
+            if found:
+                return found
     return None
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_type(value):
+    """The type of a value read from a data file, as an error says it: str, int, list, dict, null, ..."""
+    return "null" if value is None else type(value).__name__
 
 
 # ----------------------------------------------------------------------------- trackers

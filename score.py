@@ -58,9 +58,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from generate import fingerprint, open_shards, run_blocks, write_rows
-from rebel import (TOKENIZER_FILES, BadRow, arg, chat_messages, check_config, check_output, check_prompt_column,
-                   check_writable, compute_dtype, fail, first_line, has_tokenizer_files, init_distributed,
-                   load_tokenizer, log_summary, print0, replace_path, require_split, run_script, sha256)
+from rebel import (TOKENIZER_FILES, BadRow, arg, arrow_table, chat_messages, check_config, check_output,
+                   check_prompt_column, check_writable, compute_dtype, fail, first_line, has_tokenizer_files,
+                   init_distributed, load_tokenizer, log_summary, print0, replace_path, require_split, run_script,
+                   sha256)
 
 
 @dataclass
@@ -654,6 +655,8 @@ def main(cfg):
         check_prompt_column(data, "prompt", cfg.input)
     rows = data.to_list()
     k = check_rows(rows, cfg.input, cfg.drop_truncated)
+    if cfg.test_size or cfg.output.endswith(".parquet"):  # columns that parquet cannot hold: said before scoring
+        arrow_table(rows, cfg.output)
     source = None if reward_fn else reward_tokenizer_source(cfg)  # --reward_base for a Starling-RM state dict
     tokenizer = source and load_tokenizer(source)
     blocks = [list(range(s, min(s + cfg.block_size, len(rows)))) for s in range(0, len(rows), cfg.block_size)]
@@ -713,8 +716,10 @@ def write_splits(output, pairs, test_size, seed):
     """A datasets folder with splits train_prefs and test_prefs (test_size seeded pairs), rebel.py's defaults."""
     from datasets import Dataset, DatasetDict
     held_out = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:test_size].tolist())
-    splits = DatasetDict(train_prefs=Dataset.from_list([p for n, p in enumerate(pairs) if n not in held_out]),
-                         test_prefs=Dataset.from_list([p for n, p in enumerate(pairs) if n in held_out]))
+
+    def split(test):
+        return Dataset(arrow_table([p for n, p in enumerate(pairs) if (n in held_out) == test], output))
+    splits = DatasetDict(train_prefs=split(False), test_prefs=split(True))
     tmp = f"{output}.tmp{os.getpid()}"
     splits.save_to_disk(tmp)
     replace_path(tmp, output)
