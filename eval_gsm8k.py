@@ -57,7 +57,7 @@ class Config:
                               "bfloat16 greedy tokens)", "[1, inf)")
     max_new_tokens: int = arg(256, "new tokens per question at most (the harness's max_gen_toks)", "[1, inf)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = arg("auto", "auto = bfloat16 on GPU, float32 on CPU")
-    output: str = arg("", "folder for summary.json and samples.jsonl (default runs/gsm8k/<model>)")
+    output: str = arg("", "folder for summary.json and samples.jsonl; empty: runs/gsm8k/<the model's path>")
     chat_template: bool = arg(False, "wrap each whole few-shot prompt in the chat template as one user turn "
                                      "(lm-eval --apply_chat_template)")
     add_bos_token: bool = arg(False, "let the tokenizer add its BOS token (e.g. Llama-3's), as lm-eval does since late "

@@ -4,17 +4,14 @@ REBEL trains a policy πθ by regressing the difference of two log-ratios onto t
 
     loss = ( [log πθ(y|x) − log πref(y|x)] − [log πθ(y'|x) − log πref(y'|x)] − η·(r(x,y) − r(x,y')) )²     (Eq. 1)
 
-Offline (default; REBEL-Llama-3-Armo-iter_k): pairs (prompt x, chosen y, rejected y', rewards) come from generate.py
-→ score.py or a released dataset, and the sampled token ids they carry are exactly the tokens trained; πref is the
-policy at the start of the run, its log-probs computed once (cached in output_dir/ref_logprobs.jsonl). Online
-(--online true; REBEL-OpenChat-3.5, REBEL-Llama-3): every update samples from the current policy π_t, scores with a
-KL penalty to π_0, and regresses with πref = π_t (`rollout`). Plain PyTorch with FSDP2 (`fully_shard`). Defaults
+Offline (default; REBEL-Llama-3-Armo-iter_k): pairs (prompt x, chosen y, rejected y', rewards) from generate.py →
+score.py or a released dataset, their sampled token ids trained exactly; πref = the starting policy, its log-probs
+computed once. Online (--online true; REBEL-OpenChat-3.5, REBEL-Llama-3): every update samples from the current policy
+π_t, scores with a KL penalty to π_0, and regresses with πref = π_t (`rollout`). Plain PyTorch with FSDP2. Defaults
 reproduce REBEL-Llama-3-Armo-iter_1 (Meta-Llama-3-8B-Instruct, η 1e6); recipes/ holds every model-card row.
 
-    # one process (CPU or one GPU), a tiny run:
+    # one process (CPU or one GPU), a tiny run; settings may also come from a YAML/JSON file (--config run.yaml):
     python rebel.py --model path/to/model --dataset pairs.jsonl --total_episodes 64 --batch_size 8
-    # settings from a YAML or JSON file (`field: value` lines); flags given too override the file:
-    python rebel.py --config run.yaml --output_dir runs/other
     # one node, 8 GPUs (the paper's run):
     torchrun --nproc_per_node=8 rebel.py --output_dir runs/iter_1
     # several nodes (run on every node; README: SLURM):
@@ -55,8 +52,7 @@ def arg(default, help, valid=None):
 @dataclass
 class Config:
     model: str = arg("meta-llama/Meta-Llama-3-8B-Instruct", "policy to train (Hub id or local folder); also πref")
-    dataset: str = arg("Cornell-AGI/Ultrafeedback-Llama-3-Armo-iter_1", "Hub id, datasets folder, or "
-                       ".json/.jsonl/.parquet file of pairs")
+    dataset: str = arg("Cornell-AGI/Ultrafeedback-Llama-3-Armo-iter_1", "pairs: Hub id, folder, .json/.jsonl/.parquet")
     train_split: str = arg("train_prefs", "split to train on")
     eval_split: str = arg("test_prefs", "split to evaluate on; without it, eval_size pairs are held out")
     eval_size: int = arg(1000, "pairs held out (seeded) when the data has no eval split", "[0, inf)")
@@ -68,42 +64,33 @@ class Config:
     adam_eps: float = arg(1e-8, "AdamW ε", "(0, inf)")
     weight_decay: float = arg(1e-6, "AdamW weight decay", "[0, inf)")
     warmup_ratio: float = arg(0.1, "fraction of updates with linear warm-up, then cosine decay to 0", "[0, 1]")
-    temperature: float = arg(0.8, "logits are divided by this before log-softmax (the sampling temperature)",
-                             "(0, inf)")
+    temperature: float = arg(0.8, "logits ÷ this before log-softmax: the sampling temperature", "(0, inf)")
     total_episodes: int = arg(60000, "pairs to train on (updates = total_episodes // batch_size)", "[1, inf)")
     batch_size: int = arg(128, "pairs per update, over all processes", "[1, inf)")
     micro_batch_size: int = arg(2, "pairs per forward per process (2 sequences each)", "[1, inf)")
     eval_micro_batch_size: int = arg(8, "pairs per no-grad forward (reference and eval passes)", "[1, inf)")
     max_prompt_len: int = arg(1024, "drop pairs whose templated prompt is longer (tokens)", "[1, inf)")
-    max_response_len: int = arg(2048, "drop pairs with a longer response (tokens, end-of-turn included)",
-                                "[1, inf)")
+    max_response_len: int = arg(2048, "drop pairs with a longer response (tokens, end of turn included)", "[1, inf)")
     max_grad_norm: float = arg(0.0, "clip the gradient norm to this; 0 = no clipping (the paper)", "[0, inf)")
-    dtype: Literal["auto", "bfloat16", "float32"] = arg("auto", "compute dtype: auto = bfloat16 on GPU, float32 on "
-                                                        "CPU; master weights are fp32")
+    dtype: Literal["auto", "bfloat16", "float32"] = arg("auto", "compute: auto = bf16 on GPU, fp32 on CPU")
     activation_checkpointing: bool = arg(True, "recompute decoder layers in backward to save memory")
     logprob_chunk: int = arg(256, "response tokens per lm_head chunk (bounds the logits' memory)", "[1, inf)")
     seed: int = arg(555134, "seed of the data order and the eval hold-out", "[0, 4294967296)")
-    eval_every: int = arg(50, "evaluate every this many updates (and at start and end); 0 = start and end only",
-                          "[0, inf)")
+    eval_every: int = arg(50, "evaluate every this many updates, and at start and end (0: only then)", "[0, inf)")
     save_every: int = arg(100, "resumable checkpoint every this many updates; 0 = at the end only", "[0, inf)")
     resume: bool = arg(False, "continue from the last checkpoint in output_dir")
-    stop_after: int = arg(0, "end this run after this many updates, with a checkpoint (a job's time limit); "
-                          "0 = run to the end", "[0, inf)")
+    stop_after: int = arg(0, "end after this many updates, with a checkpoint (a job's time limit); 0 = off", "[0, inf)")
     save_final: bool = arg(True, "write a consolidated Hugging Face model to output_dir/final")
-    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send metrics.jsonl's records to this "
-                                                             "tracker (rank 0)")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also send metrics.jsonl's records there")
     epochs_per_batch: int = arg(1, "passes over each update's pairs, one optimizer step each", "[1, inf)")
-    lr_schedule: Literal["cosine", "linear"] = arg("cosine", "cosine: warm-up, then cosine decay to 0; linear: "
-                                                   "lr·(1 − update/updates), no warm-up (the online runs')")
-    num_layers_unfrozen: int = arg(0, "train only the last N decoder layers, the final norm and the head; 0 = all",
-                                   "[0, inf)")
+    lr_schedule: Literal["cosine", "linear"] = arg("cosine", "warm-up then cosine to 0, or linear to 0 (online)")
+    num_layers_unfrozen: int = arg(0, "train the last N decoder layers, final norm, head; 0 = all", "[0, inf)")
     # online REBEL: every update samples from the current policy, scores, and regresses (ONLINE_DEFAULTS apply)
     online: bool = arg(False, "online REBEL: prompts from --dataset's --prompt_column, num_samples responses each")
     prompt_column: str = arg("prompt", "online: the column of prompts (a string, or a list of messages)")
     num_samples: int = arg(2, "online: responses per prompt; chosen/rejected = highest/lowest reward", "[2, inf)")
     max_new_tokens: int = arg(1024, "online: most tokens per response (top_p 1, no top_k)", "[1, inf)")
-    rollout_block: int = arg(8, "online: prompts per generate call, each block seeded from (seed, update, block)",
-                             "[1, inf)")
+    rollout_block: int = arg(8, "online: prompts per generate call, seeded by (seed, update, block)", "[1, inf)")
     reward_model: str = arg("", "online: a reward model score.py scores with (Hub id or local folder)")
     reward_base: str = arg("meta-llama/Llama-2-7b-chat-hf", "online: config and tokenizer of a Starling reward model")
     reward_fn: str = arg("", "online: instead, path/to/file.py:name, a function (prompt, response) -> float")
@@ -111,8 +98,7 @@ class Config:
     reward_scale: float = arg(1.0, "online: the score is multiplied by this (the authors' Eurus-RM: 0.001)")
     missing_eos_penalty: float = arg(-4.0, "online: the score of a response without a stop token (replaces it)")
     kl_coef: float = arg(0.05, "online: reward = score − kl_coef·Σ(log π_t − log π_0) over the response", "[0, inf)")
-    convert_hh: bool = arg(True, "a prompt string in Anthropic-HH/Nectar's \"\\n\\nHuman: ...\\n\\nAssistant:\" format "
-                           "becomes its turns as chat messages before the chat template (false: one user turn)")
+    convert_hh: bool = arg(True, "a Human:/Assistant: prompt string (Anthropic HH, Nectar) is its turns")
 
     def __post_init__(self):
         check_config(self)
@@ -174,36 +160,23 @@ def pair_tokens(pair):
     return 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
 
 
-def epoch_order(num_pairs, seed, epoch):
-    """A permutation of the pairs that depends only on (seed, epoch): never on the number of processes."""
-    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-
 def global_batch(num_pairs, batch_size, update, seed):
-    """Pair indices of update `update` (0-based): consecutive slices of an endless stream of seeded epoch orders."""
+    """Pair indices of update `update` (0-based): consecutive slices of an endless stream of epochs, each a permutation
+    seeded by (seed, epoch) alone: never by the number of processes."""
     stream_start, picked = update * batch_size, []
     while len(picked) < batch_size:
         epoch, offset = divmod(stream_start + len(picked), num_pairs)
-        picked += epoch_order(num_pairs, seed, epoch)[offset:offset + batch_size - len(picked)]
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        picked += order[offset:offset + batch_size - len(picked)]
     return picked
-
-
-def padded_width(pair):
-    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
 
 
 def micro_batches(pairs, picked, micro_batch_size):
     """The pairs at indices `picked`, longest first (an out-of-memory shows at once), cut into micro-batches, so that
     each pads only to a similar neighbour's length."""
-    ordered = sorted(picked, key=lambda i: (-padded_width(pairs[i]), i))
+    width = lambda p: len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))  # noqa: E731
+    ordered = sorted(picked, key=lambda i: (-width(pairs[i]), i))
     return [[pairs[i] for i in ordered[s:s + micro_batch_size]] for s in range(0, len(ordered), micro_batch_size)]
-
-
-def for_rank(batches, rank, world_size):
-    """Micro-batches dealt round-robin (sorted by length: ranks get similar work). Every rank must run as many forwards
-    under FSDP, so short ranks get `None` placeholders: run them as dummies, drop the result."""
-    mine = batches[rank::world_size]
-    return mine + [None] * (math.ceil(len(batches) / world_size) - len(mine))
 
 
 def collate(sequences):
@@ -225,11 +198,6 @@ def collate(sequences):
 def pair_sequences(pairs):
     """The chosen sequences, then the rejected ones."""
     return [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-
-
-def to_device(tensors, device):
-    """Pinned host memory and non-blocking copies on GPU: the CPU keeps queueing work while the GPU computes."""
-    return [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in tensors]
 
 
 # ----------------------------------------------------------------------------- passes over the pairs
@@ -267,10 +235,7 @@ def reference_logprobs(model, splits, cfg, world, run_key):
         start = time.time()
         ref_logps = {split: all_logprobs(model, pairs, cfg, world, f"reference log-probs ({split})")
                      for split, pairs in splits.items()}
-        n, seconds = sum(map(len, splits.values())), time.time() - start
-        print0(f"reference log-probs: {n} pairs in {seconds:.1f}s ({n / seconds:.1f} pairs/s)")
-        if world.rank == 0:
-            write_reference_cache(cfg.output_dir, ref_logps, run_key)
+        write_reference_cache(cfg.output_dir, ref_logps, run_key, time.time() - start)
     return ref_logps
 
 
@@ -302,8 +267,7 @@ def train_step(model, optimizer, batch, ref_logps, cfg, world, update):
 
 
 def evaluate(model, pairs, ref_logps, cfg, world):
-    """Validation loss, and sign agreement: the fraction of pairs whose chosen-minus-rejected log-ratio has the sign
-    of Δr."""
+    """Validation loss, and sign_align: the fraction of pairs whose log-ratio difference has the sign of Δr."""
     logps = all_logprobs(model, pairs, cfg, world, "eval")
     logp_c, logp_r, ref_c, ref_r = (torch.tensor([v[p["index"]][k] for p in pairs], dtype=torch.float64)
                                     for v, k in ((logps, 0), (logps, 1), (ref_logps, 0), (ref_logps, 1)))
@@ -329,16 +293,14 @@ def lr_at(update, num_updates, cfg):
 # ----------------------------------------------------------------------------- online REBEL: one update's pairs
 
 def rollout(policy, run, update, cfg, world):
-    """The pairs of online update `update`, made as the paper's online runs made them. Sample num_samples responses to
-    each of the update's prompts with the current policy π_t (blocks of rollout_block prompts seeded from (seed,
-    update, block): the same for any number of processes), score each decoded response, and give it the reward
+    """The pairs of online update `update`, as the paper's online runs made them: num_samples responses to each prompt
+    from the current policy π_t (blocks of rollout_block prompts seeded by (seed, update, block): the same for any
+    number of processes), each scored and given the reward, its KL summed over the response (stop token included):
 
         r = (score·reward_scale, or missing_eos_penalty without a stop token) − kl_coef·Σₜ (log π_t − log π_0)(yₜ)
 
-    summed over the response tokens, stop token included, at the sampling temperature (0 at update 0). Per prompt the
-    highest-reward response is chosen and the lowest rejected (ties kept: the first chosen, the last rejected). The
-    regression's reference is π_t itself. Returns (pairs, {pair: (log π_t(chosen), log π_t(rejected))}, the rows of
-    rollouts.jsonl, the update's statistics)."""
+    Per prompt the highest reward is chosen, the lowest rejected (ties kept: the first chosen, the last rejected); the
+    reference is π_t. Returns (pairs, {pair: (log π_t(chosen), log π_t(rejected))}, rollouts.jsonl's rows, stats)."""
     from generate import derive_seed, hf_sample
     start, picked = time.time(), global_batch(len(run.prompts), cfg.batch_size, update, cfg.seed)
     blocks = [picked[s:s + cfg.rollout_block] for s in range(0, len(picked), cfg.rollout_block)]
@@ -377,9 +339,8 @@ def rollout(policy, run, update, cfg, world):
 
 def build_model(cfg, world, dtype, frozen=False):
     """The policy under FSDP2: fp32 master weights, `fully_shard` on every decoder layer then the root, `dtype` compute
-    (bf16 on GPU), dropout off (log-probs must be deterministic, as the paper's). With num_layers_unfrozen N only the
-    last N layers, the final norm and the head train. `frozen`: π_0, nothing trains. Only rank 0 reads the checkpoint
-    (one fp32 copy in host memory, not one per process); the others receive their shards from it."""
+    (bf16 on GPU), no dropout. With num_layers_unfrozen N only the last N layers, the final norm and the head train;
+    `frozen`: π_0, nothing trains. Rank 0 alone reads the checkpoint; the others receive their shards from it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     from transformers import AutoModelForCausalLM
@@ -388,12 +349,7 @@ def build_model(cfg, world, dtype, frozen=False):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.starting_dtype, layers = starting_dtype, decoder_layers(cfg.model, model)
-    full, buffers = read_weights_on_rank0(cfg.model, config, model)  # {} and None on the other ranks
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout"):
-            module.attention_dropout = 0.0
+    full, buffers = read_weights_on_rank0(cfg.model, config, dropout_off(model))  # {} and None on the other ranks
     if frozen or cfg.num_layers_unfrozen:  # the embeddings (and a head tied to them) and the bottom layers
         trained = [] if frozen else [*layers[-cfg.num_layers_unfrozen:], model.get_decoder().norm,
                                      model.get_output_embeddings()]
@@ -426,9 +382,7 @@ def main(cfg):
     checkpoint, state = open_run_folder(cfg)  # a checkpoint to resume from, and what it was made with
     dtype = compute_dtype(cfg.dtype, world.device)
 
-    # data: read, validate and tokenise every pair (online: every prompt, and the reward) before the model loads
-    tokenizer = load_tokenizer(cfg.model)
-    model_config = load_model_config(cfg.model)
+    tokenizer, model_config = load_tokenizer(cfg.model), load_model_config(cfg.model)  # then data, before the model
     if cfg.online:
         run, splits = load_online(cfg, tokenizer, model_config, world), {}
         inputs = dict(data=run.fingerprint)
@@ -452,16 +406,14 @@ def main(cfg):
     start_update = load_checkpoint(model, optimizer, checkpoint) if checkpoint else 0
     log, close_log = open_metrics(cfg, world, num_updates, resumed_at=start_update if checkpoint else None)
 
-    def log_eval(update):
+    def log_eval(update):  # (open_metrics' log prints it)
         if not cfg.online and eval_pairs:
-            record = dict(update=update, **evaluate(model, eval_pairs, ref_logps["eval"], cfg, world))
-            print0(f"eval @ update {update}: val_loss {record['val_loss']:.4g} | sign_align {record['sign_align']:.3f}")
-            log(record)
+            log(dict(update=update, **evaluate(model, eval_pairs, ref_logps["eval"], cfg, world)))
 
     if start_update == 0:
         log_eval(0)
-    bar = tqdm(range(start_update, num_updates), desc="updates", unit="update", disable=world.rank != 0,
-               initial=start_update, total=num_updates)
+    bar, stopped = tqdm(range(start_update, num_updates), desc="updates", unit="update", disable=world.rank != 0,
+                        initial=start_update, total=num_updates), False
     for update in bar:
         start, lr = time.time(), lr_at(update, num_updates, cfg)
         for group in optimizer.param_groups:
@@ -476,8 +428,8 @@ def main(cfg):
             step, tokens = train_step(model, optimizer, batch, batch_ref, cfg, world, update)
             seconds = time.time() - start
             record = dict(update=update + 1, **({"pass": epoch + 1} if cfg.epochs_per_batch > 1 else {}), **step,
-                          lr=lr, pairs_per_s=cfg.batch_size * (epoch + 1) / seconds, tokens_per_s=tokens / seconds,
-                          pairs_seen=(update + 1) * cfg.batch_size)
+                          lr=lr, pairs_per_s=cfg.batch_size * (epoch + 1) / seconds,
+                          tokens_per_s=tokens * (epoch + 1) / seconds, pairs_seen=(update + 1) * cfg.batch_size)
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3g}", pairs_s=f"{record['pairs_per_s']:.1f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
@@ -486,13 +438,11 @@ def main(cfg):
         stop = update + 1 - start_update == cfg.stop_after
         if (cfg.save_every and (update + 1) % cfg.save_every == 0) or update + 1 == num_updates or stop:
             save_checkpoint(model, optimizer, cfg, world, dict(update=update + 1, **inputs))
-        if stop and update + 1 < num_updates:
-            print0(f"stopping after {cfg.stop_after} updates (--stop_after); continue with the same command and "
-                   "--resume")
-            close_log()
-            return dist.destroy_process_group()
+        if stopped := stop and update + 1 < num_updates:
+            print0(f"stopping after {cfg.stop_after} updates (--stop_after); continue: the same command and --resume")
+            break
     bar.close()
-    if cfg.save_final:
+    if cfg.save_final and not stopped:
         print0(f"final model -> {save_final(model, cfg, world)}")
     close_log()
     dist.destroy_process_group()
@@ -1131,8 +1081,12 @@ def read_reference_cache(output_dir, splits, run_key):
     return ref_logps
 
 
-def write_reference_cache(output_dir, ref_logps, run_key):
+def write_reference_cache(output_dir, ref_logps, run_key, seconds):
     """output_dir/ref_logprobs.jsonl (one row per pair) and its .meta.json: the run_key and the file's sha256."""
+    n = sum(map(len, ref_logps.values()))
+    print0(f"reference log-probs: {n} pairs in {seconds:.1f}s ({n / seconds:.1f} pairs/s)")
+    if dist.get_rank() != 0:
+        return
     rows = [dict(split=split, index=i, chosen_logprob=c, rejected_logprob=r)
             for split in ref_logps for i, (c, r) in sorted(ref_logps[split].items())]
     text = "".join(json.dumps(row) + "\n" for row in rows)
@@ -1252,6 +1206,9 @@ def open_metrics(cfg, world, num_updates, resumed_at=None):
                        f"{record['logratio_rejected']:+.4f} | lr {record['lr']:.3g} | grad norm "
                        f"{record['grad_norm']:.3g} | {record['pairs_per_s']:.2f} pairs/s | "
                        f"{record['tokens_per_s']:.0f} tokens/s")
+        elif "val_loss" in record:
+            tqdm.write(f"eval @ update {record['update']}: val_loss {record['val_loss']:.4g} | sign_align "
+                       f"{record['sign_align']:.3f}")
         elif "score" in record:
             tqdm.write(f"rollout {record['update']}/{num_updates} | score {record['score']:.4g} | kl "
                        f"{record['kl']:+.4f} | with a stop token {record['stopped']:.2f} | response "
@@ -1371,6 +1328,16 @@ def read_weights_on_rank0(name, config, model):
     model.generation_config = loaded.generation_config
     full = loaded.state_dict()
     return full, {n: b for n, b in loaded.named_buffers() if n not in full}
+
+
+def dropout_off(model):
+    """`model` without dropout (as the paper's runs): log-probs must be the same numbers in every forward."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+    return model
 
 
 def decoder_layers(name, model):
@@ -1642,6 +1609,18 @@ def init_distributed():
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=gpu)
     return World(rank, size, device)
+
+
+def for_rank(batches, rank, world_size):
+    """Micro-batches dealt round-robin (sorted by length: ranks get similar work). Every rank must run as many forwards
+    under FSDP, so short ranks get `None` placeholders: run them as dummies, drop the result."""
+    mine = batches[rank::world_size]
+    return mine + [None] * (math.ceil(len(batches) / world_size) - len(mine))
+
+
+def to_device(tensors, device):
+    """Pinned host memory and non-blocking copies on GPU: the CPU keeps queueing work while the GPU computes."""
+    return [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in tensors]
 
 
 def from_rank0(value):

@@ -715,10 +715,12 @@ def gsm8k_dir(tmp_path_factory):
             dataset_info("openai/gsm8k", timeout=5)
         hub = datasets.load_dataset("openai/gsm8k", "main")
     except Exception as e:  # offline, unreachable or not cached: every way of not having the data
+        offline = ("HF_HUB_OFFLINE=1 is set and openai/gsm8k is not in your HF cache: unset it and connect to the Hub"
+                   if constants.HF_HUB_OFFLINE else "connect to the Hub (openai/gsm8k is then cached), or set "
+                   "HF_HUB_OFFLINE=1 if it is in your HF cache")
         no_data(
             f"no ../shared/data/gsm8k and the Hub is unreachable ({type(e).__name__}:"
-            f" {' '.join(str(e).split())[:160]}): connect to the Hub (openai/gsm8k is then cached), or set"
-            " HF_HUB_OFFLINE=1 if it is in your HF cache, or put GSM8K's train.jsonl and test.jsonl in"
+            f" {' '.join(str(e).split())[:160]}): {offline}, or put GSM8K's train.jsonl and test.jsonl in"
             f" {os.path.normpath(shared)}"
         )
     folder = tmp_path_factory.mktemp("gsm8k")
