@@ -1929,6 +1929,15 @@ class TestInputs:
 class TestCLI:
     """The command lines: help, flags, Ctrl-C."""
 
+    @pytest.mark.parametrize("argv", [["a.yaml", "--config", "b.yaml"], ["--config", "a.yaml", "--config", "b.yaml"]],
+                             ids=["file-then-config", "config-twice"])
+    def test_two_settings_files_are_refused(self, tmp_path, argv):
+        for name in ("a.yaml", "b.yaml"):
+            (tmp_path / name).write_text("lr: 1.0e-6\n")
+        argv = [str(tmp_path / a) if a.endswith(".yaml") else a for a in argv]
+        with pytest.raises(SystemExit, match=r"error: --config given 2 times .*give one settings file"):
+            rebel.parse_config(rebel.Config, argv)
+
     def test_ctrl_c_ends_in_one_line_saying_how_to_continue(self, capsys):
         def interrupted(cfg):
             raise KeyboardInterrupt
@@ -1971,6 +1980,31 @@ class TestCLI:
 
 class TestGenerate:
     """generate.py."""
+
+    @pytest.mark.parametrize("script", ["generate", "score"])
+    def test_two_runs_into_one_output_are_refused(self, tiny_model, tmp_path, script):
+        """Another process holds OUTPUT.shards/.lock (a run in progress): a second run refuses in one line."""
+        output = tmp_path / ("gen.jsonl" if script == "generate" else "pairs.jsonl")
+        os.makedirs(f"{output}.shards")
+        holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                                   "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                                   f"{output}.shards/.lock"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(SystemExit, match=r"--output .* is in use by another run \(it holds .*\.lock\)"):
+                if script == "generate":
+                    gen(tiny_model, write_prompts(tmp_path / "prompts.jsonl", 2), output)
+                else:
+                    (tmp_path / "r.py").write_text(LENGTH_REWARD)
+                    run_score(write_jsonl(tmp_path / "g.jsonl", generations(2)), output,
+                              reward_fn=f"{tmp_path / 'r.py'}:length", drop_truncated=False)
+        finally:
+            holder.kill()
+            holder.wait()
+
+    def test_one_sample_per_prompt_is_warned_about_at_start(self, tiny_model, tmp_path, capsys):
+        gen(tiny_model, write_prompts(tmp_path / "prompts.jsonl", 2), tmp_path / "gen.jsonl", num_samples=1)
+        assert "warning: --num_samples 1: score.py needs 2 or more responses per prompt" in capsys.readouterr().out
 
     def test_cut_at_stop_and_the_models_stop_tokens(self, tiny_model):
         tokenizer = rebel.load_tokenizer(tiny_model)
