@@ -257,8 +257,8 @@ def main(cfg):
                if c not in (cfg.prompt_column, "prompt_id", *OUTPUT_COLUMNS)}
     if cfg.output.endswith(".parquet"):  # ids or prompts that a parquet file cannot hold: said before sampling
         arrow_table([dict(prompt_id=i, prompt=p) for i, p in zip(prompt_ids, prompts)], cfg.output)
-    tokens, dropped = template_prompts(prompts, tokenizer, cfg.max_prompt_len, cfg.prompts, world, date,
-                                       cfg.convert_hh)
+    tokens, dropped = template_prompts(prompts, tokenizer, cfg.max_prompt_len, cfg.prompts, world=world, date=date,
+                                       convert_hh=cfg.convert_hh)
     if not tokens:
         fail(f"{cfg.prompts}: no prompt to sample from" + (f" ({dropped[0][1]}, ...)" if dropped else ""))
     kept = sorted(tokens)

@@ -331,7 +331,8 @@ def rollout(policy, run, update, cfg, world):
                           rejected_ids=samples[i][r][0], chosen_reward=reward[c], rejected_reward=reward[r]))
         ref_logps[n] = (logp_t[n * k + c], logp_t[n * k + r])
         picks.append((i, c, r, kl))
-    rows, stats = rollout_records(run, update, pairs, picks, samples, scores, time.time() - start, cfg)
+    rows, stats = rollout_records(run, update, pairs, picks=picks, samples=samples, scores=scores,
+                                  seconds=time.time() - start, cfg=cfg)
     return pairs, ref_logps, rows, stats
 
 
@@ -490,12 +491,12 @@ def load_pairs(cfg, tokenizer, vocab_size, world):
     where = f"{cfg.dataset}[{'train' if single_file else cfg.train_split}]"
     note_pad_outside(tokenizer, vocab_size, cfg.model)
     policy = policy_tokens(cfg.model, tokenizer)  # what says a pair was sampled by this model
-    pairs = tokenize_pairs(train_rows, tokenizer, where, vocab_size, world, cfg.convert_hh, **policy)
+    pairs = tokenize_pairs(train_rows, tokenizer, where, vocab_size, world=world, convert_hh=cfg.convert_hh, **policy)
     train_pairs = [p for p in pairs if p["index"] not in held_out]
     eval_pairs = [p for p in pairs if p["index"] in held_out]
     if eval_rows is not None:
-        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", vocab_size, world,
-                                    cfg.convert_hh, **policy)
+        eval_pairs = tokenize_pairs(eval_rows, tokenizer, f"{cfg.dataset}[{cfg.eval_split}]", vocab_size, world=world,
+                                    convert_hh=cfg.convert_hh, **policy)
     train_pairs = filter_by_length(train_pairs, cfg.max_prompt_len, cfg.max_response_len, "train")
     if eval_pairs:
         eval_pairs = filter_by_length(eval_pairs, cfg.max_prompt_len, cfg.max_response_len, "eval")
@@ -547,7 +548,7 @@ def pick_column(columns, names, where):
     fail(f"{where}: missing column {' or '.join(map(repr, names))} (columns: {', '.join(columns)})")
 
 
-def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None, convert_hh=False, stop_ids=None,
+def tokenize_pairs(rows, tokenizer, where, vocab_size, *, world=None, convert_hh=False, stop_ids=None,
                    model_files=None):
     """Token ids of every usable pair: [{index (row in the split), prompt_ids, chosen_ids, rejected_ids, chosen_reward,
     rejected_reward}], sorted by index. With the columns prompt_ids/chosen_ids/rejected_ids (generate.py → score.py)
@@ -580,8 +581,8 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, world=None, convert_hh=Fa
             if not same_model(row.get("sampled_by"), model_files):
                 raise BadRow("sampled by another model: its files differ from --model's")
             texts = [row[chosen], row[rejected]]
-            ids = (sampled_ids(row, texts, tokenizer, vocab_size, date, convert_hh, stop_ids) if sampled
-                   else text_ids(row[prompt], texts, tokenizer, eot, date, convert_hh))
+            ids = (sampled_ids(row, texts, tokenizer, vocab_size, date=date, convert_hh=convert_hh, stop_ids=stop_ids)
+                   if sampled else text_ids(row[prompt], texts, tokenizer, eot, date=date, convert_hh=convert_hh))
             pairs.append(dict(index=i, prompt_ids=ids[0], chosen_ids=ids[1], rejected_ids=ids[2],
                               chosen_reward=float(row[chosen_reward]), rejected_reward=float(row[rejected_reward])))
         except BadRow as e:
@@ -622,7 +623,7 @@ def chat_date(value):
                      f"{str(value)[:40]!r}") from None
 
 
-def sampled_ids(row, texts, tokenizer, vocab_size, date=None, convert_hh=False, stop_ids=None):
+def sampled_ids(row, texts, tokenizer, vocab_size, *, date=None, convert_hh=False, stop_ids=None):
     """(prompt ids, chosen ids, rejected ids) as sampled, checked: integers of the vocabulary, prompt ids equal to this
     tokenizer's templated prompt at `date` (else the pair was sampled with another model), and response ids that
     decode to the response `texts` that were scored, as generate.py decoded them: all of them, or all but a last stop
@@ -649,7 +650,7 @@ def sampled_ids(row, texts, tokenizer, vocab_size, date=None, convert_hh=False, 
     return ids
 
 
-def text_ids(prompt, responses, tokenizer, eot, date=None, convert_hh=False):
+def text_ids(prompt, responses, tokenizer, eot, *, date=None, convert_hh=False):
     """(prompt ids, *response ids) of text-only pairs (e.g. the authors' released data), tokenised as sampling makes
     them: prompt ids from the templated prompt alone (what generate.py samples after); response ids from the text that
     the template adds after it, up to and including its end-of-turn token `eot` (ChatML's and Gemma's "\\n" after it
@@ -857,7 +858,8 @@ def load_online(cfg, tokenizer, model_config, world):
     texts = list(rows[cfg.prompt_column])
     ids = list(rows["prompt_id"]) if "prompt_id" in rows.column_names else list(range(len(texts)))
     note_pad_outside(tokenizer, vocab_size(model_config), cfg.model)
-    tokens, _ = template_prompts(texts, tokenizer, cfg.max_prompt_len, cfg.dataset, world, convert_hh=cfg.convert_hh)
+    tokens, _ = template_prompts(texts, tokenizer, cfg.max_prompt_len, cfg.dataset, world=world,
+                                 convert_hh=cfg.convert_hh)
     if not tokens:
         fail(f"{cfg.dataset}: no prompt to sample from")
     other = {c: list(rows[c]) for c in rows.column_names if c not in (cfg.prompt_column, "prompt")}  # for --reward_fn
@@ -901,7 +903,7 @@ def load_reward(cfg, world):
     return reward
 
 
-def template_prompts(prompts, tokenizer, max_prompt_len, where, world, date=None, convert_hh=False):
+def template_prompts(prompts, tokenizer, max_prompt_len, where, *, world, date=None, convert_hh=False):
     """({row: token ids of the templated prompt}, [(row, why dropped)]): prompts the chat template refuses, or longer
     than max_prompt_len tokens, are dropped and counted with their reason. convert_hh: as chat_messages."""
     tokens, dropped = {}, []
@@ -942,7 +944,7 @@ def gathered(model):
         model.train(training)
 
 
-def rollout_records(run, update, pairs, picks, samples, scores, seconds, cfg):
+def rollout_records(run, update, pairs, *, picks, samples, scores, seconds, cfg):
     """(rows of rollouts.jsonl, the update's statistics) of an online update's pairs; a reward gap whose squared
     regression target overflows stops the run here, naming the prompt, rather than as an inf loss later."""
     check_reward_gaps(pairs, cfg, [f"{cfg.dataset} row {run.prompts[i]['index']} (update {update + 1})"
