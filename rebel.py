@@ -331,9 +331,8 @@ def rollout(policy, run, update, cfg, world):
                           rejected_ids=samples[i][r][0], chosen_reward=reward[c], rejected_reward=reward[r]))
         ref_logps[n] = (logp_t[n * k + c], logp_t[n * k + r])
         picks.append((i, c, r, kl))
-    rows, stats = rollout_records(run, update, pairs, picks=picks, samples=samples, scores=scores,
-                                  seconds=time.time() - start, cfg=cfg)
-    return pairs, ref_logps, rows, stats
+    return pairs, ref_logps, *rollout_records(run, update, pairs, picks=picks, samples=samples, scores=scores,
+                                              seconds=time.time() - start, cfg=cfg)  # rollouts.jsonl's rows, stats
 
 
 # ----------------------------------------------------------------------------- the model
