@@ -431,8 +431,8 @@ def main(cfg):
                           lr=lr, pairs_per_s=cfg.batch_size * (epoch + 1) / seconds,
                           tokens_per_s=tokens * (epoch + 1) / seconds, pairs_seen=(update + 1) * cfg.batch_size)
             log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3g}", pairs_s=f"{record['pairs_per_s']:.1f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.3g}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **({"rollout_tok_s": f"{stats['rollout_tokens_per_s']:.0f}"} if cfg.online else {}))
         if (cfg.eval_every and (update + 1) % cfg.eval_every == 0) or update + 1 == num_updates:
             log_eval(update + 1)
         stop = update + 1 - start_update == cfg.stop_after
