@@ -190,7 +190,10 @@ def hf_sample(model, prompts, *, num_samples, temperature, top_p, max_new_tokens
     settings = GenerationConfig(do_sample=not greedy, **sampled, max_new_tokens=max_new_tokens,
                                 num_return_sequences=num_samples, eos_token_id=stop_ids, pad_token_id=pad)
     torch.manual_seed(seed)  # CPU and every GPU
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings)
+    # synced_gpus=False: transformers would sync every step of a policy it sees as FSDP-managed; rebel.py's online
+    # rollout gathers the weights first, so each process generates alone (one with no prompts must not be waited for)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings,
+                         synced_gpus=False)
     samples = [cut_at_stop(ids, set(stop_ids)) for ids in out[:, width:].tolist()]
     return [samples[i:i + num_samples] for i in range(0, len(samples), num_samples)]  # prompt-major
 

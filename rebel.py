@@ -90,7 +90,7 @@ class Config:
     prompt_column: str = arg("prompt", "online: the column of prompts (a string, or a list of messages)")
     num_samples: int = arg(2, "online: responses per prompt; chosen/rejected = highest/lowest reward", "[2, inf)")
     max_new_tokens: int = arg(1024, "online: most tokens per response (top_p 1, no top_k)", "[1, inf)")
-    rollout_block: int = arg(8, "online: prompts per generate call, seeded by (seed, update, block)", "[1, inf)")
+    rollout_block: int = arg(4, "online: prompts per generate call, seeded by (seed, update, block)", "[1, inf)")
     reward_model: str = arg("", "online: a reward model score.py scores with (Hub id or local folder)")
     reward_base: str = arg("meta-llama/Llama-2-7b-chat-hf", "online: config and tokenizer of a Starling reward model")
     reward_fn: str = arg("", "online: instead, path/to/file.py:name, a function (prompt, response) -> float")
@@ -578,7 +578,8 @@ def tokenize_pairs(rows, tokenizer, where, vocab_size, *, world=None, convert_hh
                     fail(f"{where} row {i}: column {col!r} must be a finite number, got {row[col]!r}")
             date = chat_date(row.get("chat_date")) or now
             if not same_model(row.get("sampled_by"), model_files):
-                raise BadRow("sampled by another model: its files differ from --model's")
+                raise BadRow("sampled by another model: its files differ from --model's (drop the sampled_by column to "
+                             "train on them all the same)")
             texts = [row[chosen], row[rejected]]
             ids = (sampled_ids(row, texts, tokenizer, vocab_size, date=date, convert_hh=convert_hh, stop_ids=stop_ids)
                    if sampled else text_ids(row[prompt], texts, tokenizer, eot, date=date, convert_hh=convert_hh))
@@ -846,7 +847,9 @@ def load_online(cfg, tokenizer, model_config, world):
     (generate.py's and score.py's), each checked in one line before the policy loads."""
     from generate import fingerprint, sample_record, stop_token_ids
     if bool(cfg.reward_model) == bool(cfg.reward_fn):
-        fail("--online: give one of --reward_model and --reward_fn")
+        fail("--online: give one of --reward_model and --reward_fn" + (
+            f", not both (--reward_model {cfg.reward_model}, --reward_fn {cfg.reward_fn}; one may come from --config: "
+            "--reward_model '' clears it)" if cfg.reward_model else ""))
     rows = require_split(cfg.dataset, train_split(cfg))
     if "chosen_reward" in rows.column_names:
         fail(f"--online: {cfg.dataset} is a file of scored pairs (chosen_reward); online REBEL samples and scores its "
@@ -1438,7 +1441,9 @@ def parse_config(cls, argv=None):
                         "recipe's section named after this script); flags given too override it")
     for action in parser._actions:  # HfArgumentParser gives --no_flag the help of --flag, which says the opposite
         if any(o.startswith("--no_") for o in action.option_strings) and action.const is False:
-            action.help = f"turn --{action.dest} off"
+            action.help = f"turn --{action.dest} off%(default).0s"  # (%(default).0s: no "(default: False)" after it)
+    # a usage mistake in one line, not the usage block before it
+    parser.error = lambda message: parser.exit(2, f"error: {message}{'' if '--help' in message else ' (see --help)'}\n")
     paths = parser.parse_known_args(argv)[0].config or []
     if len(paths) > 1:
         fail(f"--config given {len(paths)} times ({', '.join(paths)}): give one settings file, and flags for the rest")

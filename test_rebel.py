@@ -548,7 +548,8 @@ def torchrun(script, args, check=True):
     """`script` under torchrun with 2 processes (one thread each: 2 cores), flags from a dict."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
     command += [x for k, v in args.items() for x in (f"--{k}", str(v))]
-    done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)  # a hang (e.g. processes waiting on each other) fails the test, not CI
     assert done.returncode == 0 or not check, done.stderr[-3000:]
     return done
 
@@ -1487,6 +1488,18 @@ class TestOnline:
             assert [r["chosen_reward"] for r in rows] == pytest.approx([r["chosen_reward"] for r in full], abs=1e-4)
             w1, w2 = final_weights(online_run), final_weights(other)
             assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+    def test_a_process_with_no_prompts_to_sample_does_not_hang(self, online_case, tmp_path):
+        """One block of prompts for two processes: the second samples nothing and goes on to the log-probs (it hung
+        in an all-reduce of generate's synced steps before); the result equals one process's."""
+        settings = dict(reward_fn=online_case.reward, batch_size=2, rollout_block=2, total_episodes=2,
+                        micro_batch_size=1)
+        one = train_online(online_case.model, online_case.prompts, tmp_path / "one", **settings)
+        flags = online_flags(online_case.model, online_case.prompts, tmp_path / "two", **settings)
+        torchrun("rebel.py", dict(zip([f[2:] for f in flags[::2]], flags[1::2])))
+        rows = [read_jsonl(os.path.join(out, "rollouts.jsonl")) for out in (one, str(tmp_path / "two"))]
+        assert [(r["chosen_ids"], r["rejected_ids"]) for r in rows[0]] == [(r["chosen_ids"], r["rejected_ids"])
+                                                                           for r in rows[1]]
 
     @pytest.mark.parametrize("overrides, message", [
         pytest.param(dict(), r"--online: give one of --reward_model and --reward_fn", id="no-reward"),
@@ -5588,7 +5601,7 @@ def online_bench_worker(mode, model, prompts, reward, output_dir):
     if mode == "plain":
         rebel.gathered = lambda model: contextlib.nullcontext(model)
         generate_on = transformers.GenerationMixin.generate
-        transformers.GenerationMixin.generate = lambda self, *a, **k: generate_on(self, *a, synced_gpus=True, **k)
+        transformers.GenerationMixin.generate = lambda self, *a, **k: generate_on(self, *a, **{**k, "synced_gpus": True})
     rebel.main(rebel.parse_config(rebel.Config, online_flags(
         model, prompts, output_dir, reward_fn=reward, total_episodes=8, batch_size=8, max_new_tokens=32,
         rollout_block=4, epochs_per_batch=1, save_every=0, save_final="false")))
