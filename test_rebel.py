@@ -5601,7 +5601,8 @@ def online_bench_worker(mode, model, prompts, reward, output_dir):
     if mode == "plain":
         rebel.gathered = lambda model: contextlib.nullcontext(model)
         generate_on = transformers.GenerationMixin.generate
-        transformers.GenerationMixin.generate = lambda self, *a, **k: generate_on(self, *a, **{**k, "synced_gpus": True})
+        transformers.GenerationMixin.generate = lambda self, *a, **k: generate_on(self, *a,
+                                                                                 **{**k, "synced_gpus": True})
     rebel.main(rebel.parse_config(rebel.Config, online_flags(
         model, prompts, output_dir, reward_fn=reward, total_episodes=8, batch_size=8, max_new_tokens=32,
         rollout_block=4, epochs_per_batch=1, save_every=0, save_final="false")))
