@@ -234,8 +234,11 @@ def main(cfg):
     dtype = compute_dtype(cfg.dtype, world.device)
     check_output(cfg.output, "--output", "file", inputs={"--prompts": cfg.prompts}, model=cfg.model)
     check_writable(cfg.output + ".shards", "--output")
-    if cfg.num_samples < 2:
+    if cfg.num_samples < 2 and cfg.format != "alpaca_eval":
         print0(f"warning: --num_samples {cfg.num_samples}: score.py needs 2 or more responses per prompt for a pair")
+    if cfg.num_samples > 1 and cfg.format == "alpaca_eval":
+        print0(f"warning: --format alpaca_eval keeps the first of --num_samples {cfg.num_samples} responses per "
+               "prompt: add --num_samples 1 (and --greedy true for greedy answers)")
 
     # prompts: read, check and template every one before the model is loaded
     data = require_split(cfg.prompts, cfg.split)

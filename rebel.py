@@ -54,8 +54,8 @@ class Config:
     model: str = arg("meta-llama/Meta-Llama-3-8B-Instruct", "policy to train (Hub id or local folder); also πref")
     dataset: str = arg("Cornell-AGI/Ultrafeedback-Llama-3-Armo-iter_1", "pairs: Hub id, folder, .json/.jsonl/.parquet")
     train_split: str = arg("train_prefs", "split to train on")
-    eval_split: str = arg("test_prefs", "split to evaluate on; without it, eval_size pairs are held out")
-    eval_size: int = arg(1000, "pairs held out (seeded) when the data has no eval split", "[0, inf)")
+    eval_split: str = arg("test_prefs", "offline: split to evaluate on; without it, eval_size pairs are held out")
+    eval_size: int = arg(1000, "offline: pairs held out (seeded) when the data has no eval split", "[0, inf)")
     output_dir: str = arg("runs/rebel", "where metrics, reference log-probs, checkpoints and final/ go")
     eta: float = arg(1e6, "η: the regression target is η·(r_chosen − r_rejected)", "(0, inf)")
     lr: float = arg(3e-7, "peak learning rate (AdamW)", "(0, inf)")
@@ -76,7 +76,7 @@ class Config:
     activation_checkpointing: bool = arg(True, "recompute decoder layers in backward to save memory")
     logprob_chunk: int = arg(256, "response tokens per lm_head chunk (bounds the logits' memory)", "[1, inf)")
     seed: int = arg(555134, "seed of the data order and the eval hold-out", "[0, 4294967296)")
-    eval_every: int = arg(50, "evaluate every this many updates, and at start and end (0: only then)", "[0, inf)")
+    eval_every: int = arg(50, "offline: evaluate every N updates, and at the start and the end", "[0, inf)")
     save_every: int = arg(100, "resumable checkpoint every this many updates; 0 = at the end only", "[0, inf)")
     resume: bool = arg(False, "continue from the last checkpoint in output_dir")
     stop_after: int = arg(0, "end after this many updates, with a checkpoint (a job's time limit); 0 = off", "[0, inf)")
@@ -867,7 +867,7 @@ def load_online(cfg, tokenizer, model_config, world):
     other = {c: list(rows[c]) for c in rows.column_names if c not in (cfg.prompt_column, "prompt")}  # for --reward_fn
     prompts = [dict(index=i, prompt_id=ids[i], prompt=texts[i], ids=tokens[i],
                     columns={c: v[i] for c, v in other.items()}) for i in sorted(tokens)]
-    reward = load_reward(cfg, world)
+    reward = load_reward(cfg, world, columns=list(other))
 
     def score(samples):
         rows = {i: dict(prompts[i]["columns"], prompt=prompts[i]["prompt"], truncated=[cut for _, cut in s],
@@ -878,12 +878,15 @@ def load_online(cfg, tokenizer, model_config, world):
                      fingerprint([[p["prompt_id"], p["ids"]] for p in prompts] + [reward.fingerprint]))
 
 
-def load_reward(cfg, world):
-    """reward({row: {prompt, responses}}) -> {row: [score, ...]}, with score.py's reward function or reward model
-    (loaded here, on every process); a response it cannot score stops the run in one line naming the row."""
+def load_reward(cfg, world, columns=()):
+    """reward({row: {prompt, responses, the data's other `columns`}}) -> {row: [score, ...]}, with score.py's reward
+    function or reward model (loaded here, on every process); a response it cannot score stops the run in one line
+    naming the row."""
     import score as scoring
     if cfg.reward_fn:
         fn = scoring.load_reward_fn(cfg.reward_fn)
+        scoring.check_reward_fn_columns(fn, cfg.reward_fn, ["prompt", "responses", "truncated", *columns],
+                                        cfg.dataset)
 
         def reward(rows):
             return {r["index"]: r["rewards"] for r in scoring.function_rewards(fn, cfg.reward_fn, rows, list(rows))}
@@ -1551,9 +1554,12 @@ def changed_settings(old, new, names, flags=None):
 
 
 def run_script(main, cls, how_to_continue, argv=None):
-    """main(its config from the command line); Ctrl-C and a full disk end with one line saying how to continue, not a
-    traceback. The process group is destroyed on every way out (else an error after it exists may abort the process,
-    rc 134, "terminate called without an active exception")."""
+    """main(its config from the command line); Ctrl-C (or SIGTERM) and a full disk end with one line saying how to
+    continue, not a traceback. The process group is destroyed on every way out (else an error after it exists may
+    abort the process, rc 134, "terminate called without an active exception")."""
+    import signal
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a job's end (SLURM, kill): said as Ctrl-C is
+        signal.signal(signal.SIGTERM, terminated)
     try:
         main(parse_config(cls, argv))
     except KeyboardInterrupt:
@@ -1568,6 +1574,10 @@ def run_script(main, cls, how_to_continue, argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 def disk_full(error):

@@ -174,6 +174,21 @@ def extra_arguments(fn):
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def check_reward_fn_columns(fn, spec, columns, where):
+    """Fail in one line, before any work, when the reward function needs an argument that is not a column of the
+    data (after prompt and response, each of its parameters without a default is a column)."""
+    import inspect
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return
+    needed = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+              and p.name not in columns]
+    if needed:
+        fail(f"--reward_fn {spec} takes {', '.join(map(repr, needed))}, which {where} has no column of "
+             f"(columns: {', '.join(columns)})")
+
+
 def function_rewards(fn, spec, rows, block):
     """{index, rewards, cut, dropped} for each row of the block, from the Python reward function fn(prompt, response,
     **the row's other columns it takes), given copies (an edit by the function changes no row); it fails loudly."""
@@ -616,6 +631,9 @@ def make_pairs(rows, scored, drop_truncated):
             dropped[scored[i]["dropped"]] += 1
             continue
         chosen, rejected, why = select_pair(rewards, row["responses"], row.get("truncated") or [], drop_truncated)
+        if not math.isfinite(rewards[chosen] - rewards[rejected]):
+            fail(f"row {i}: its rewards {rewards[chosen]} and {rewards[rejected]} differ by more than a float can "
+                 "hold: scale the reward down")
         if why:
             dropped[why] += 1
             continue
@@ -655,6 +673,8 @@ def main(cfg):
         check_prompt_column(data, "prompt", cfg.input)
     rows = data.to_list()
     k = check_rows(rows, cfg.input, cfg.drop_truncated)
+    if reward_fn:
+        check_reward_fn_columns(reward_fn, cfg.reward_fn, list(rows[0]), cfg.input)
     if cfg.test_size or cfg.output.endswith(".parquet"):  # columns that parquet cannot hold: said before scoring
         arrow_table(rows, cfg.output)
     source = None if reward_fn else reward_tokenizer_source(cfg)  # --reward_base for a Starling-RM state dict

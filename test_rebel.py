@@ -1366,6 +1366,8 @@ class TestTraining:
 ONLINE_REWARD = (
     "def length(prompt, response):\n"
     "    return len(response) / 10.0\n\n"
+    "def needs_gold(prompt, response, gold):\n"
+    "    return float(gold in response)\n\n"
     "def raises(prompt, response):\n"
     "    raise ValueError('no reward for ' + response[:10])\n\n"
     "def infinite(prompt, response):\n"
@@ -1506,6 +1508,8 @@ class TestOnline:
         pytest.param(dict(reward_fn="REWARD", reward_model="x/y"), r"give one of", id="two-rewards"),
         pytest.param(dict(reward_fn="FOLDER/nope.py:f"), r"--reward_fn .*: no file", id="reward-fn-missing"),
         pytest.param(dict(reward_fn="FOLDER/rewards.py:nope"), r"has no function 'nope'", id="reward-fn-unknown"),
+        pytest.param(dict(reward_fn="FOLDER/rewards.py:needs_gold"),
+                     r"takes 'gold', which .*prompts\.jsonl has no column", id="reward-fn-column-missing"),
         pytest.param(dict(reward_fn="FOLDER/rewards.py:raises"), r"raised on row \d+, response 0: ValueError",
                      id="reward-fn-raises"),
         pytest.param(dict(reward_fn="FOLDER/rewards.py:infinite"), r"the reward must be a finite number",
@@ -1988,7 +1992,22 @@ class TestCLI:
     def test_an_unknown_flag_is_a_usage_error(self, capsys):
         with pytest.raises(SystemExit) as done:
             rebel.parse_config(rebel.Config, ["--etaa", "1"])
-        assert done.value.code == 2 and "unrecognized arguments: --etaa 1" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and "unrecognized arguments: --etaa 1" in err and len(err.splitlines()) == 1
+
+    def test_sigterm_ends_in_one_line_saying_how_to_continue(self, capsys):
+        """A job's end (SLURM's SIGTERM) is said as Ctrl-C is."""
+        def killed(cfg):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            with pytest.raises(SystemExit) as stop:
+                rebel.run_script(killed, rebel.Config, "continue with the same command and --resume", argv=[])
+        finally:
+            signal.signal(signal.SIGTERM, before)
+        assert stop.value.code == 130 and "interrupted: continue with the same command and --resume" in (
+            capsys.readouterr().out)
 
 
 class TestGenerate:
@@ -2014,6 +2033,11 @@ class TestGenerate:
         finally:
             holder.kill()
             holder.wait()
+
+    def test_alpaca_eval_with_several_samples_is_warned_about(self, tiny_model, tmp_path, capsys):
+        gen(tiny_model, write_jsonl(tmp_path / "a.jsonl", [{"instruction": "why"}]), tmp_path / "out.json",
+            prompt_column="instruction", format="alpaca_eval", num_samples=2, max_new_tokens=2)
+        assert "warning: --format alpaca_eval keeps the first of --num_samples 2" in capsys.readouterr().out
 
     def test_one_sample_per_prompt_is_warned_about_at_start(self, tiny_model, tmp_path, capsys):
         gen(tiny_model, write_prompts(tmp_path / "prompts.jsonl", 2), tmp_path / "gen.jsonl", num_samples=1)
@@ -3425,6 +3449,20 @@ class TestGoldAnswers:
         pairs = read_jsonl(run_score(str(tmp_path / "gen.jsonl"), tmp_path / "pairs.jsonl",
                                      reward_fn=f"{tmp_path / 'r.py'}:gold", drop_truncated=False))
         assert pairs and all(p["rewards"] == [float(p["answer"]) + len(r) / 100 for r in p["responses"]] for p in pairs)
+
+    def test_a_column_the_data_lacks_fails_before_scoring(self, tmp_path):
+        (tmp_path / "r.py").write_text(self.GOLD)
+        data = write_jsonl(tmp_path / "gen.jsonl", generations(2))
+        with pytest.raises(SystemExit, match=r"--reward_fn .*:gold takes 'answer', which .*gen\.jsonl has no column"):
+            run_score(data, tmp_path / "pairs.jsonl", reward_fn=f"{tmp_path / 'r.py'}:gold", drop_truncated=False)
+
+    def test_rewards_whose_gap_overflows_are_refused_naming_the_row(self, tmp_path):
+        (tmp_path / "r.py").write_text("def huge(prompt, response):\n"
+                                       "    return 1e308 if response == 'big' else -1e308\n")
+        rows = [dict(prompt=f"p{i}", responses=["big", "small"], truncated=[False, False]) for i in range(2)]
+        with pytest.raises(SystemExit, match=r"row 0: its rewards 1e\+308 and -1e\+308 differ by more than a float"):
+            run_score(write_jsonl(tmp_path / "gen.jsonl", rows), tmp_path / "pairs.jsonl",
+                      reward_fn=f"{tmp_path / 'r.py'}:huge")
 
     def test_online_reward_function_gets_the_column(self, online_case, tmp_path):
         prompts = write_jsonl(tmp_path / "prompts.jsonl", [
