@@ -1334,7 +1334,7 @@ def read_weights_on_rank0(name, config, model):
         return {}, None
     model.generation_config = loaded.generation_config
     full = loaded.state_dict()
-    return full, {n: b for n, b in loaded.named_buffers() if n not in full}
+    return full, {n: b for n, b in loaded.named_buffers(remove_duplicate=False) if n not in full}  # shared ones too
 
 
 def dropout_off(model):
