@@ -1491,6 +1491,26 @@ class TestOnline:
             w1, w2 = final_weights(online_run), final_weights(other)
             assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
 
+    def test_a_reward_model_scores_the_decoded_responses(self, online_case, reward_model, tmp_path):
+        """--reward_model (score.py's loader and scoring): each rollout's score is the model's reward of the decoded
+        response in its own chat template, as score.py computes it."""
+        out = train_online(online_case.model, online_case.prompts, tmp_path / "run", reward_model=reward_model,
+                           total_episodes=4, epochs_per_batch=1)
+        rows = read_jsonl(os.path.join(out, "rollouts.jsonl"))
+        tokenizer = rebel.load_tokenizer(online_case.model)
+        prompts = {r["prompt_id"]: r["prompt"] for r in read_jsonl(online_case.prompts)}
+        generated = [dict(prompt=prompts[r["prompt_id"]], truncated=[False, False], responses=[
+            tokenizer.decode(r[f"{side}_ids"], skip_special_tokens=True) for side in ("chosen", "rejected")])
+            for r in rows]
+        scored = read_jsonl(run_score(write_jsonl(tmp_path / "gen.jsonl", generated), tmp_path / "pairs.jsonl",
+                                      reward_model=reward_model, drop_truncated=False, dtype="float32"))
+        by_prompt = {p["prompt"]: p["rewards"] for p in scored}
+        for r in rows:
+            if prompts[r["prompt_id"]] in by_prompt:
+                assert [r["chosen_score"], r["rejected_score"]] == pytest.approx(by_prompt[prompts[r["prompt_id"]]],
+                                                                                  abs=1e-4)
+        assert by_prompt and len(rows) == 4
+
     def test_a_process_with_no_prompts_to_sample_does_not_hang(self, online_case, tmp_path):
         """One block of prompts for two processes: the second samples nothing and goes on to the log-probs (it hung
         in an all-reduce of generate's synced steps before); the result equals one process's."""
