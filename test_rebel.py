@@ -2,17 +2,21 @@
 
     pytest -q test_rebel.py                                   # the suite (a few minutes on 2 cores)
     pytest -q test_rebel.py -k TestScore                      # one component's tests (the classes below)
-    RUN_BENCH=1 pytest -q test_rebel.py -k bench -s           # the performance benchmark (prints a table)
+    RUN_BENCH=1 pytest -q test_rebel.py -k bench -s           # the performance benchmarks (print tables)
     python test_rebel.py demo [folder]                        # the whole REBEL loop on a tiny model, CPU only
+    python test_rebel.py online_bench [folder]                # one online update: gathered once vs plain generate
     python test_rebel.py gpu [folder] [--smoke]               # the GPU check (--smoke: at tiny sizes, on any machine)
 
-Every model here is a tiny Llama built from a config, with a byte-level BPE tokenizer trained offline and a
-Llama-3-style chat template, saved with save_pretrained so that the scripts' real from_pretrained path is used.
+Every model here is tiny, built from a config (Llama mostly; Granite, Gemma-2/3, Cohere, Falcon-H1, Phi, GPT-2, Mistral
+and the reward models' layouts where their quirks are tested), with a tokenizer trained offline in one of nine chat
+template families (byte-level BPE, or SentencePiece-style for Llama-2), saved with save_pretrained so that the scripts'
+real from_pretrained path is used.
 
 The file reads in this order: chat templates and model families; builders, files and runs, fixtures and reference
-computations; the tests, one class per component (TestLoss, TestLogprobs, TestTraining, TestInputs, TestCLI,
-TestGenerate, TestScore, TestArmoRM, TestResumableState, TestTokenExactness, TestGSM8K, TestDemo, TestBench,
-TestGPUCheck, TestLayout); then the programs: the demo, the benchmark and the GPU check.
+computations; the tests, one class per component (TestLoss, TestLogprobs, TestTraining, TestOnline, TestRecipes,
+TestInputs, TestCLI, TestGenerate, TestScore, TestArmoRM, TestResumableState, TestTokenExactness, TestHeads, ...,
+TestRewardModels, TestModelCardInputs, TestGSM8K, TestDemo, TestBench, TestGPUCheck, TestLayout); then the programs:
+the demo, the benchmarks and the GPU check.
 """
 import contextlib
 import dataclasses
@@ -5703,6 +5707,6 @@ if __name__ == "__main__":
         sys.exit(gpu_check(sys.argv[2:]))
     else:
         sys.exit(
-            "usage: python test_rebel.py demo [output folder] | gpu [output folder]   (the tests: pytest -q"
-            " test_rebel.py)"
+            "usage: python test_rebel.py demo [output folder] | gpu [output folder] | online_bench [folder]   (the"
+            " tests: pytest -q test_rebel.py)"
         )
