@@ -336,7 +336,6 @@ def make_sentencepiece_tokenizer(path, vocab_size, corpus, spec):
     return tokenizer
 
 
-
 def make_model(
     path,
     hidden=64,
@@ -928,8 +927,484 @@ def text_ids(tok, family, response, prompt="the sea"):
     return rebel.text_ids(prompt, [response], tok[family], rebel.end_of_turn(tok[family]))
 
 
-# ----------------------------------------------------------------------------- the tests, one class per component
+# ----------------------------------------------------------------------------- builders and fixtures of single classes
 
+ONLINE_REWARD = (
+    "def length(prompt, response):\n"
+    "    return len(response) / 10.0\n\n"
+    "def needs_gold(prompt, response, gold):\n"
+    "    return float(gold in response)\n\n"
+    "def raises(prompt, response):\n"
+    "    raise ValueError('no reward for ' + response[:10])\n\n"
+    "def infinite(prompt, response):\n"
+    "    return float('inf')\n"
+)
+
+
+ONLINE_SETTINGS = dict(batch_size=4, total_episodes=8, max_new_tokens=6, rollout_block=2, micro_batch_size=2,
+                       eval_micro_batch_size=2, activation_checkpointing=False, lr=1e-3, num_layers_unfrozen=1,
+                       save_every=1, seed=3, kl_coef=0.5, missing_eos_penalty=-1.0, reward_scale=2.0)
+
+
+def online_flags(model, prompts, output_dir, **overrides):
+    """rebel.py --online true flags of a tiny run (the online defaults for everything else)."""
+    settings = dict(model=model, dataset=prompts, output_dir=str(output_dir), **ONLINE_SETTINGS)
+    settings.update(overrides)
+    return ["--online", "true"] + [x for k, v in settings.items() for x in (f"--{k}", str(v))]
+
+
+def train_online(model, prompts, output_dir, **overrides):
+    """rebel.main --online in this process, as the command line makes its settings."""
+    rebel.main(rebel.parse_config(rebel.Config, online_flags(model, prompts, output_dir, **overrides)))
+    return str(output_dir)
+
+
+@pytest.fixture(scope="class")
+def online_case(tmp_path_factory):
+    """A 3-layer tiny Llama whose responses often stop within 6 tokens (and often do not), prompts, a reward file."""
+    folder = tmp_path_factory.mktemp("online")
+    model = make_model(str(folder / "model"), layers=3, ends_often=True)
+    prompts = write_prompts(folder / "prompts.jsonl", 12, ids=True)
+    (folder / "rewards.py").write_text(ONLINE_REWARD)
+    return SimpleNamespace(folder=folder, model=model, prompts=prompts, reward=f"{folder / 'rewards.py'}:length")
+
+
+@pytest.fixture(scope="class")
+def online_run(online_case):
+    """Two online updates, uninterrupted."""
+    return train_online(online_case.model, online_case.prompts, online_case.folder / "full",
+                        reward_fn=online_case.reward)
+
+
+RECIPES = os.path.join(HERE, "recipes")
+
+
+RECIPE_SCRIPTS = {"generate": generate, "score": score, "rebel": rebel}
+
+
+LLAMA = "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
+def offline(k, model):
+    run = f"runs/rebel-llama-3-armo-iter_{k}"
+    return {
+        "generate": dict(model=model, prompts="allenai/ultrafeedback_binarized_cleaned_train", split="train",
+                         prompt_column="prompt", num_samples=5, temperature=0.8, top_p=0.9, max_new_tokens=2048,
+                         max_prompt_len=1024, output=f"{run}/generations.parquet", engine="hf"),
+        "score": dict(input=f"{run}/generations.parquet", output=f"{run}/pairs",
+                      reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1", max_length=4096, drop_truncated=True,
+                      test_size=1000, trust_remote_code=False),
+        "rebel": dict(online=False, model=model, dataset=f"{run}/pairs", train_split="train_prefs",
+                      eval_split="test_prefs", output_dir=run, eta=1e6, lr=3e-7, warmup_ratio=0.1,
+                      lr_schedule="cosine", temperature=0.8, total_episodes=60000, batch_size=128,
+                      max_prompt_len=1024, max_response_len=2048, epochs_per_batch=1, num_layers_unfrozen=0,
+                      beta1=0.9, beta2=0.95, adam_eps=1e-8, weight_decay=1e-6, max_grad_norm=0.0),
+    }
+
+
+ONLINE = dict(online=True, num_samples=2, max_new_tokens=1024, max_prompt_len=1024, temperature=0.5, kl_coef=0.05,
+              missing_eos_penalty=-4.0, epochs_per_batch=4, eta=1.0, lr=1e-7, lr_schedule="linear", warmup_ratio=0.0,
+              num_layers_unfrozen=4, batch_size=32, train_split="train", prompt_column="prompt", reward_fn="",
+              beta1=0.9, beta2=0.95, adam_eps=1e-8, weight_decay=1e-6)
+
+
+UF = dict(model=LLAMA, dataset="allenai/ultrafeedback_binarized_cleaned_train",
+          reward_model="sfairXC/FsfairX-LLaMA3-RM-v0.1", reward_scale=1.0, trust_remote_code=False)
+
+
+# what each recipe claims (its comments cite the authors' file:line or the model card for every value)
+EXPECTED = {
+    "rebel-llama-3-armo-iter_1": offline(1, LLAMA),
+    "rebel-llama-3-armo-iter_2": offline(2, "runs/rebel-llama-3-armo-iter_1/final"),
+    "rebel-llama-3-armo-iter_3": offline(3, "runs/rebel-llama-3-armo-iter_2/final"),
+    "rebel-llama-3": {"rebel": {**ONLINE, **UF, "output_dir": "runs/rebel-llama-3", "total_episodes": 60829}},
+    "rebel-llama-3-epoch_2": {"rebel": {**ONLINE, **UF, "output_dir": "runs/rebel-llama-3-epoch_2",
+                                        "total_episodes": 2 * 60829}},
+    "rebel-openchat-3.5": {"rebel": {**ONLINE, "model": "openchat/openchat_3.5", "dataset": "berkeley-nest/Nectar",
+                                     "reward_model": "berkeley-nest/Starling-RM-7B-alpha",
+                                     "reward_base": "meta-llama/Llama-2-7b-chat-hf", "reward_scale": 1.0,
+                                     "output_dir": "runs/rebel-openchat-3.5", "total_episodes": 182954}},
+}
+
+
+def recipe_path(row):
+    return os.path.join(RECIPES, f"{row}.yaml")
+
+
+def parse_section(path, section, tmp_path):
+    """`python <section>.py --config path`: the script reads its own section of the recipe."""
+    return rebel.parse_config(RECIPE_SCRIPTS[section].Config, ["--config", path])
+
+
+HH = "\n\nHuman: the sea is blue\n\nAssistant: and the sky\n\nHuman: why is the sky blue\n\nAssistant:"
+
+
+def alpaca_instructions(tmp_path, n=5):
+    """AlpacaEval's model_outputs (../shared/data/alpaca_eval), else a tiny file like it."""
+    path = os.path.join(SHARED_DATA, "alpaca_eval", "Meta-Llama-3-8B-Instruct.json")
+    if os.path.exists(path):
+        return path, read_json(path)[:n]
+    rows = [dict(instruction=" ".join(WORDS[i:i + 4]) + "?", output="x", generator="m", dataset="d") for i in range(n)]
+    with open(tmp_path / "alpaca.json", "w") as f:
+        json.dump(rows, f)
+    return str(tmp_path / "alpaca.json"), rows
+
+
+def small(tokenizer, **fields):
+    """The fields of a tiny decoder config on the test tokenizer."""
+    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"), bos_token_id=tokenizer.bos_token_id,
+                tie_word_embeddings=False, **fields)
+
+
+def make_arch(path, kind, **fields):
+    """A tiny random model of another architecture with the test tokenizer, saved like a Hub checkpoint. Its head's
+    output is scaled ×4, so that a scaling or a soft cap changes the log-probs a lot."""
+    tokenizer, t = make_tokenizer(path), transformers
+    if kind == "granite":
+        config, cls = t.GraniteConfig(**small(tokenizer, logits_scaling=8.0)), t.GraniteForCausalLM
+    elif kind == "gemma2":
+        config, cls = t.Gemma2Config(**small(tokenizer, head_dim=16, final_logit_softcapping=0.5)), t.Gemma2ForCausalLM
+    elif kind == "cohere":
+        config, cls = t.CohereConfig(**small(tokenizer, logit_scale=0.25)), t.CohereForCausalLM
+    elif kind == "phi":  # its head has a bias
+        config, cls = t.PhiConfig(**small(tokenizer)), t.PhiForCausalLM
+    elif kind == "falcon_h1":
+        config = t.FalconH1Config(**small(tokenizer, lm_head_multiplier=0.5, mamba_d_ssm=64, mamba_n_heads=4,
+                                          mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16))
+        cls = t.FalconH1ForCausalLM
+    elif kind == "gpt2":
+        config = t.GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512)
+        cls = t.GPT2LMHeadModel
+    elif kind == "gemma3":  # multimodal: no top-level vocab_size or eos_token_id
+        config = t.Gemma3Config(text_config=small(tokenizer, head_dim=16, **fields), mm_tokens_per_image=4,
+                                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=16))
+        cls = t.Gemma3ForConditionalGeneration
+    torch.manual_seed(0)
+    model = cls(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4)
+        if model.get_output_embeddings().bias is not None:  # initialised to 0
+            model.get_output_embeddings().bias.normal_()
+    model.save_pretrained(path)
+    return str(path)
+
+
+def logprobs_and_naive(path, tmp_path, temperature=0.7):
+    from datasets import Dataset
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = rebel.load_tokenizer(path)
+    pairs = rebel.tokenize_pairs(Dataset.from_list(read_jsonl(write_pairs(tmp_path / "p.jsonl", n=3))), tokenizer,
+                                 "t", len(tokenizer))
+    got = rebel.response_logprobs(model, *rebel.collate(rebel.pair_sequences(pairs)), temperature, 5)
+    naive = torch.stack([naive_logprob(model, p["prompt_ids"], p[k], temperature)
+                         for k in ("chosen_ids", "rejected_ids") for p in pairs])
+    return got.detach(), naive.detach()
+
+
+SHORT_RUN = dict(total_episodes=8, batch_size=8, eval_size=0, save_final=False)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished")
+    data = write_pairs(folder / "p.jsonl", n=16)
+    run = train(tiny_model, data, folder / "run", total_episodes=8, batch_size=8, eval_size=0)
+    return data, run
+
+
+GSM8K_REWARD = '''
+import sys
+
+def correct(prompt, response, answer):
+    """A verifiable reward: 1 when the response ends with the gold answer's final number."""
+    return float(response.strip().endswith(answer.split("#### ")[-1]))
+
+def exits(prompt, response):
+    if prompt[0]["content"] == "p1":
+        sys.exit(3)
+    return 1.0
+
+def edits(prompt, response):
+    prompt[0]["content"] = "edited"
+    return float(len(response))
+
+def everything(prompt, response, **columns):
+    return float(len(columns) + len(response))
+'''
+
+
+UINT64_MAX = 18446744073709551615  # a uint64 hash: past int64, not a float
+
+
+def pair_rows(tmp_path, n=12, name="good.jsonl"):
+    return read_jsonl(write_pairs(tmp_path / name, n=n))
+
+
+def trained_rows(out):
+    return sorted(r["index"] for r in read_jsonl(os.path.join(out, "ref_logprobs.jsonl")))
+
+
+def plain_parquet(path, rows):
+    """A parquet file whose size depends on the bytes of its values, not on their order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), str(path), compression="none", use_dictionary=False)
+    return str(path)
+
+
+# openbmb/Eurus-RM-7b's remote code (modeling_eurus_rm.py), retyped: its class, attribute names and forward. The
+# import appends to $EURUS_MARKER, so that a test sees whether this file ran.
+EURUS_REMOTE_CODE = '''
+import os
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+from transformers import MistralConfig, MistralModel, PreTrainedModel
+
+if os.environ.get("EURUS_MARKER"):
+    with open(os.environ["EURUS_MARKER"], "a") as f:
+        f.write("modeling_eurus_rm.py ran\\n")
+
+
+class EurusRewardModel(PreTrainedModel):
+    config_class = MistralConfig
+    _supports_flash_attn_2 = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = MistralModel(config)
+        self.regression_head = nn.Linear(self.config.hidden_size, 1, bias=False)
+        self.post_init()  # transformers 5 wants it; the original predates that
+
+    def forward(self, input_ids: torch.LongTensor = None, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.LongTensor] = None,
+                past_key_values: Optional[List[torch.FloatTensor]] = None,
+                inputs_embeds: Optional[torch.FloatTensor] = None, labels: Optional[torch.LongTensor] = None,
+                use_cache: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None):
+        transformer_outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         past_key_values=past_key_values, inputs_embeds=inputs_embeds)
+        hidden_states = transformer_outputs[0]
+        rewards = self.regression_head(hidden_states).squeeze(-1)
+        ends = attention_mask.cumsum(dim=1).argmax(dim=1).view(-1, 1)
+        rewards = torch.gather(rewards, 1, ends)
+        return rewards
+'''
+
+
+class GPTRewardModel(torch.nn.Module):
+    """Starling-RM-7B-alpha's model card class, as REBEL's src/nectar/rebel.py has it: given the causal LM and tokenizer
+    that the card loads from meta-llama/Llama-2-7b-chat-hf. PAD_ID = the last id of tokenizer(unk) (REBEL's [-1]; the
+    card's [0] is the same id for a tokenizer that adds no BOS, as this one)."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.config = model.config
+        self.config.n_embd = self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.n_embd
+        self.model = model
+        self.transformer = model.model
+        self.v_head = torch.nn.Linear(self.config.n_embd, 1, bias=False)
+        self.tokenizer = tokenizer
+        self.tokenizer.pad_token = self.tokenizer.unk_token
+        self.PAD_ID = self.tokenizer(self.tokenizer.pad_token)["input_ids"][-1]
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None):
+        bs = input_ids.shape[0]
+        transformer_outputs = self.transformer(input_ids, past_key_values=past_key_values,
+                                               attention_mask=attention_mask, position_ids=position_ids)
+        hidden_states = transformer_outputs[0]
+        scores = []
+        rewards = self.v_head(hidden_states).squeeze(-1)
+        for i in range(bs):
+            c_inds = (input_ids[i] == self.PAD_ID).nonzero()
+            c_ind = c_inds[0].item() if len(c_inds) > 0 else input_ids.shape[1]
+            scores.append(rewards[i, c_ind - 1])
+        return scores
+
+
+def make_llama2_base(path):
+    """A tiny stand-in of meta-llama/Llama-2-7b-chat-hf as Starling-RM's --reward_base: tokenizer (<unk>, <s>, </s>,
+    Llama-2's chat template) and config; no weights (the reward model brings them)."""
+    from transformers import LlamaConfig
+    tokenizer = make_tokenizer(path, family="llama2_sp")
+    tokenizer.unk_token = "<unk>"
+    tokenizer.save_pretrained(path)
+    LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                architectures=["LlamaForCausalLM"]).save_pretrained(path)
+    return path
+
+
+def make_starling(path, base, layout="both", drop=()):
+    """A folder laid out as berkeley-nest/Starling-RM-7B-alpha: README.md and pytorch_model.bin, the state dict of the
+    card's GPTRewardModel on `base` with random weights (v_head of scale 1), no config and no tokenizer. layout: which
+    names the backbone is saved under: both (as state_dict() gives), model (model.model.*) or transformer
+    (transformer.*); model.lm_head.weight is saved in all three. `drop`: names left out."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    os.makedirs(path, exist_ok=True)
+    torch.manual_seed(3)
+    rm = GPTRewardModel(LlamaForCausalLM(LlamaConfig.from_pretrained(base)), AutoTokenizer.from_pretrained(base))
+    torch.nn.init.normal_(rm.v_head.weight, std=1 / 8)
+    skip = {"both": (), "model": ("transformer.",), "transformer": ("model.model.",)}[layout]
+    state_dict = {k: v for k, v in rm.state_dict().items() if not k.startswith(skip) and k not in drop}
+    torch.save(state_dict, os.path.join(path, "pytorch_model.bin"))
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write("# Starling-RM-7B-alpha (tiny stand-in)\n")
+    return path
+
+
+def make_eurus(path, drop=(), head_rows=1):
+    """A folder laid out as openbmb/Eurus-RM-7b: a MistralConfig with architectures ["EurusRewardModel"] and an
+    auto_map to modeling_eurus_rm.py (EURUS_REMOTE_CODE), weights model.* + regression_head.weight [head_rows, hidden]
+    (minus `drop`) in model.safetensors, and a Mistral-instruct tokenizer."""
+    from safetensors.torch import save_file
+    from transformers import MistralConfig, MistralModel
+    tokenizer = make_tokenizer(path, family="mistral")
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           architectures=["EurusRewardModel"],
+                           auto_map={"AutoModel": "modeling_eurus_rm.EurusRewardModel"})
+    config.save_pretrained(path)
+    torch.manual_seed(4)
+    weights = {f"model.{k}": v for k, v in MistralModel(config).state_dict().items()}
+    weights["regression_head.weight"] = torch.randn(head_rows, 64) / 8
+    save_file({k: v.contiguous() for k, v in weights.items() if k not in drop}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(path, "modeling_eurus_rm.py"), "w") as f:
+        f.write(EURUS_REMOTE_CODE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama2_base(tmp_path_factory):
+    return make_llama2_base(str(tmp_path_factory.mktemp("llama2_base")))
+
+
+@pytest.fixture(scope="module")
+def eurus_model(tmp_path_factory):
+    return make_eurus(str(tmp_path_factory.mktemp("eurus_rm")))
+
+
+@pytest.fixture
+def remote_modules(tmp_path, monkeypatch):
+    """Remote code copied under tmp_path (not ~/.cache), and $EURUS_MARKER: the file its import writes to."""
+    import transformers.dynamic_module_utils
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    marker = tmp_path / "remote_code_ran.txt"
+    monkeypatch.setenv("EURUS_MARKER", str(marker))
+    return marker
+
+
+def starling_by_the_authors(rm_path, base, rows, max_length):
+    """Each response's reward as REBEL's src/nectar/rebel.py computes it: GPTRewardModel on the base, its state dict
+    loaded with load_state_dict(..., strict=False); text = " ".join([prompt, response + " </s>"]) with the prompt in
+    Llama-2 chat format (no " </s>" for a response cut at the token limit, which had no end of turn), tokenized without
+    special tokens, cut from the left and padded with unk to max_length, attention mask = ids != pad."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(99)  # other random weights than the checkpoint's: every one must come from it
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rm = GPTRewardModel(LlamaForCausalLM(LlamaConfig.from_pretrained(base)), tokenizer)
+    rm.load_state_dict(torch.load(os.path.join(rm_path, "pytorch_model.bin"), weights_only=True), strict=False)
+    rm.eval()
+    tokenizer.truncation_side = "left"
+    texts = [" ".join([f"<s>[INST] {row['prompt']} [/INST]", response + ("" if cut else " </s>")])
+             for row in rows for response, cut in zip(row["responses"], row["truncated"])]
+    encoded = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=False,
+                        return_tensors="pt")
+    input_ids = encoded["input_ids"]
+    with torch.no_grad():
+        return [float(r) for r in rm(input_ids=input_ids, attention_mask=input_ids != tokenizer.pad_token_id)]
+
+
+def eurus_by_its_remote_code(path, sequences):
+    """EurusRewardModel (EURUS_REMOTE_CODE, run) on each token list alone, and on all of them right-padded, batched."""
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    with torch.no_grad():
+        alone = [float(model(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long)))
+                 for s in sequences]
+        batched = model(input_ids=ids, attention_mask=mask)[:, 0].tolist()
+    return alone, batched
+
+
+def max_difference(a, b):
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def code_pickle(path, marker):
+    """A pytorch_model.bin whose unpickling would run code (it would create `marker`)."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (marker, "w"))
+    torch.save({"v_head.weight": Payload()}, path)
+
+
+NO_TOKENIZER = r"no tokenizer files \(tokenizer\.json / tokenizer\.model / tokenizer_config\.json\) in the folder; "
+
+
+REFUSED = r"not in its checkpoint, where {} expects them; refusing to score with random values in their place$"
+
+
+def base_without_tokenizer(t, base):
+    folder = shutil.copytree(base, str(t / "config_only"), ignore=shutil.ignore_patterns("tok*", "spec*", "chat*"))
+    return dict(reward_base=folder)
+
+
+def starling_without(t, base, name, layout="both"):
+    return dict(reward_model=make_starling(str(t / "starling_part"), base, layout=layout, drop=(name,)))
+
+
+def starling_pickle_with_code(t, base):
+    code_pickle(str(t / "starling" / "pytorch_model.bin"), str(t / "pwned"))
+    return {}
+
+
+# (settings over a good Starling-RM folder `starling` and its --reward_base, the one-line error expected)
+BAD_INPUTS = [
+    pytest.param(lambda t, base: dict(reward_base="/nonexistent/Llama-2-7b-chat-hf"),
+                 r"^error: reward model .*starling: " + NO_TOKENIZER + r"a Starling-RM state dict \(no config\.json\) "
+                 r"takes its config and tokenizer from --reward_base, and '/nonexistent/Llama-2-7b-chat-hf' could not "
+                 r"be read: ", id="starling_base_missing"),
+    pytest.param(lambda t, base: dict(reward_base="meta-llama/Llama-2-7b-chat-hf"),
+                 r"^error: reward model .*starling: " + NO_TOKENIZER + r".* from --reward_base, and "
+                 r"'meta-llama/Llama-2-7b-chat-hf' could not be read: OSError: ", id="starling_base_offline"),
+    pytest.param(base_without_tokenizer, r"^error: reward model .*starling: " + NO_TOKENIZER + r".* from "
+                 r"--reward_base, and the folder .*config_only has none either$", id="starling_base_without_tokenizer"),
+    pytest.param(lambda t, base: starling_without(t, base, "v_head.weight"),
+                 r"^error: reward model .*starling_part: v_head\.weight " + REFUSED.format("StarlingRM"),
+                 id="starling_no_v_head"),
+    pytest.param(lambda t, base: starling_without(t, base, "model.model.norm.weight", layout="model"),
+                 r"^error: reward model .*starling_part: norm\.weight " + REFUSED.format("StarlingRM"),
+                 id="starling_backbone_incomplete"),
+    pytest.param(starling_pickle_with_code, r"^error: could not load the reward model .*starling.*: UnpicklingError: ",
+                 id="starling_pickle_with_code"),
+    pytest.param(lambda t, base: dict(reward_model=make_eurus(str(t / "eurus"), drop=("regression_head.weight",))),
+                 r"^error: reward model .*eurus: regression_head\.weight " + REFUSED.format("EurusRM"),
+                 id="eurus_no_head"),
+    pytest.param(lambda t, base: dict(reward_model=make_eurus(str(t / "eurus"), head_rows=2)),
+                 r"^error: reward model .*eurus: regression_head\.weight \(checkpoint \[2, 64\], model \[1, 64\]\) "
+                 + REFUSED.format("EurusRM"), id="eurus_head_resized"),
+]
+
+
+LAYOUT_FILES = ("rebel.py", "generate.py", "score.py", "eval_gsm8k.py", "test_rebel.py")
+
+
+def source_lines(name):
+    with open(os.path.join(HERE, name)) as f:
+        return f.read().splitlines()
+
+
+# ----------------------------------------------------------------------------- the tests, one class per component
 
 class TestLoss:
     """rebel_loss and the loss of an update."""
@@ -1367,51 +1842,6 @@ class TestTraining:
         assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
 
 
-ONLINE_REWARD = (
-    "def length(prompt, response):\n"
-    "    return len(response) / 10.0\n\n"
-    "def needs_gold(prompt, response, gold):\n"
-    "    return float(gold in response)\n\n"
-    "def raises(prompt, response):\n"
-    "    raise ValueError('no reward for ' + response[:10])\n\n"
-    "def infinite(prompt, response):\n"
-    "    return float('inf')\n"
-)
-ONLINE_SETTINGS = dict(batch_size=4, total_episodes=8, max_new_tokens=6, rollout_block=2, micro_batch_size=2,
-                       eval_micro_batch_size=2, activation_checkpointing=False, lr=1e-3, num_layers_unfrozen=1,
-                       save_every=1, seed=3, kl_coef=0.5, missing_eos_penalty=-1.0, reward_scale=2.0)
-
-
-def online_flags(model, prompts, output_dir, **overrides):
-    """rebel.py --online true flags of a tiny run (the online defaults for everything else)."""
-    settings = dict(model=model, dataset=prompts, output_dir=str(output_dir), **ONLINE_SETTINGS)
-    settings.update(overrides)
-    return ["--online", "true"] + [x for k, v in settings.items() for x in (f"--{k}", str(v))]
-
-
-def train_online(model, prompts, output_dir, **overrides):
-    """rebel.main --online in this process, as the command line makes its settings."""
-    rebel.main(rebel.parse_config(rebel.Config, online_flags(model, prompts, output_dir, **overrides)))
-    return str(output_dir)
-
-
-@pytest.fixture(scope="class")
-def online_case(tmp_path_factory):
-    """A 3-layer tiny Llama whose responses often stop within 6 tokens (and often do not), prompts, a reward file."""
-    folder = tmp_path_factory.mktemp("online")
-    model = make_model(str(folder / "model"), layers=3, ends_often=True)
-    prompts = write_prompts(folder / "prompts.jsonl", 12, ids=True)
-    (folder / "rewards.py").write_text(ONLINE_REWARD)
-    return SimpleNamespace(folder=folder, model=model, prompts=prompts, reward=f"{folder / 'rewards.py'}:length")
-
-
-@pytest.fixture(scope="class")
-def online_run(online_case):
-    """Two online updates, uninterrupted."""
-    return train_online(online_case.model, online_case.prompts, online_case.folder / "full",
-                        reward_fn=online_case.reward)
-
-
 class TestOnline:
     def test_online_defaults_are_the_authors_unless_set(self, tmp_path):
         (tmp_path / "run.yaml").write_text("online: true\neta: 2.0\n")
@@ -1562,59 +1992,6 @@ class TestOnline:
         with pytest.raises(SystemExit, match="error: " + ".*" + message):
             train_online(online_case.model, online_case.prompts, tmp_path / "run", **settings)
         assert not policy_loads
-
-
-RECIPES = os.path.join(HERE, "recipes")
-RECIPE_SCRIPTS = {"generate": generate, "score": score, "rebel": rebel}
-LLAMA = "meta-llama/Meta-Llama-3-8B-Instruct"
-
-
-def offline(k, model):
-    run = f"runs/rebel-llama-3-armo-iter_{k}"
-    return {
-        "generate": dict(model=model, prompts="allenai/ultrafeedback_binarized_cleaned_train", split="train",
-                         prompt_column="prompt", num_samples=5, temperature=0.8, top_p=0.9, max_new_tokens=2048,
-                         max_prompt_len=1024, output=f"{run}/generations.parquet", engine="hf"),
-        "score": dict(input=f"{run}/generations.parquet", output=f"{run}/pairs",
-                      reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1", max_length=4096, drop_truncated=True,
-                      test_size=1000, trust_remote_code=False),
-        "rebel": dict(online=False, model=model, dataset=f"{run}/pairs", train_split="train_prefs",
-                      eval_split="test_prefs", output_dir=run, eta=1e6, lr=3e-7, warmup_ratio=0.1,
-                      lr_schedule="cosine", temperature=0.8, total_episodes=60000, batch_size=128,
-                      max_prompt_len=1024, max_response_len=2048, epochs_per_batch=1, num_layers_unfrozen=0,
-                      beta1=0.9, beta2=0.95, adam_eps=1e-8, weight_decay=1e-6, max_grad_norm=0.0),
-    }
-
-
-ONLINE = dict(online=True, num_samples=2, max_new_tokens=1024, max_prompt_len=1024, temperature=0.5, kl_coef=0.05,
-              missing_eos_penalty=-4.0, epochs_per_batch=4, eta=1.0, lr=1e-7, lr_schedule="linear", warmup_ratio=0.0,
-              num_layers_unfrozen=4, batch_size=32, train_split="train", prompt_column="prompt", reward_fn="",
-              beta1=0.9, beta2=0.95, adam_eps=1e-8, weight_decay=1e-6)
-UF = dict(model=LLAMA, dataset="allenai/ultrafeedback_binarized_cleaned_train",
-          reward_model="sfairXC/FsfairX-LLaMA3-RM-v0.1", reward_scale=1.0, trust_remote_code=False)
-
-# what each recipe claims (its comments cite the authors' file:line or the model card for every value)
-EXPECTED = {
-    "rebel-llama-3-armo-iter_1": offline(1, LLAMA),
-    "rebel-llama-3-armo-iter_2": offline(2, "runs/rebel-llama-3-armo-iter_1/final"),
-    "rebel-llama-3-armo-iter_3": offline(3, "runs/rebel-llama-3-armo-iter_2/final"),
-    "rebel-llama-3": {"rebel": {**ONLINE, **UF, "output_dir": "runs/rebel-llama-3", "total_episodes": 60829}},
-    "rebel-llama-3-epoch_2": {"rebel": {**ONLINE, **UF, "output_dir": "runs/rebel-llama-3-epoch_2",
-                                        "total_episodes": 2 * 60829}},
-    "rebel-openchat-3.5": {"rebel": {**ONLINE, "model": "openchat/openchat_3.5", "dataset": "berkeley-nest/Nectar",
-                                     "reward_model": "berkeley-nest/Starling-RM-7B-alpha",
-                                     "reward_base": "meta-llama/Llama-2-7b-chat-hf", "reward_scale": 1.0,
-                                     "output_dir": "runs/rebel-openchat-3.5", "total_episodes": 182954}},
-}
-
-
-def recipe_path(row):
-    return os.path.join(RECIPES, f"{row}.yaml")
-
-
-def parse_section(path, section, tmp_path):
-    """`python <section>.py --config path`: the script reads its own section of the recipe."""
-    return rebel.parse_config(RECIPE_SCRIPTS[section].Config, ["--config", path])
 
 
 class TestRecipes:
@@ -3036,20 +3413,6 @@ class TestTokenExactness:
         assert strip(rows["quirky"]) == strip(rows["base"]) == strip(rows["old"])
 
 
-HH = "\n\nHuman: the sea is blue\n\nAssistant: and the sky\n\nHuman: why is the sky blue\n\nAssistant:"
-
-
-def alpaca_instructions(tmp_path, n=5):
-    """AlpacaEval's model_outputs (../shared/data/alpaca_eval), else a tiny file like it."""
-    path = os.path.join(SHARED_DATA, "alpaca_eval", "Meta-Llama-3-8B-Instruct.json")
-    if os.path.exists(path):
-        return path, read_json(path)[:n]
-    rows = [dict(instruction=" ".join(WORDS[i:i + 4]) + "?", output="x", generator="m", dataset="d") for i in range(n)]
-    with open(tmp_path / "alpaca.json", "w") as f:
-        json.dump(rows, f)
-    return str(tmp_path / "alpaca.json"), rows
-
-
 class TestModelCardInputs:
     """What the model card's rows bring: Human:/Assistant: prompts (Nectar, HH), a SentencePiece "legacy"
     tokenizer (Llama-2, OpenChat), a pad id outside the embedding (REBEL-Llama-3), AlpacaEval's output format."""
@@ -3261,63 +3624,6 @@ class TestModelCardInputs:
             generate.Config(format="alpaca_eval", output=str(tmp_path / "x.jsonl"))
 
 
-def small(tokenizer, **fields):
-    """The fields of a tiny decoder config on the test tokenizer."""
-    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-                eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"), bos_token_id=tokenizer.bos_token_id,
-                tie_word_embeddings=False, **fields)
-
-
-def make_arch(path, kind, **fields):
-    """A tiny random model of another architecture with the test tokenizer, saved like a Hub checkpoint. Its head's
-    output is scaled ×4, so that a scaling or a soft cap changes the log-probs a lot."""
-    tokenizer, t = make_tokenizer(path), transformers
-    if kind == "granite":
-        config, cls = t.GraniteConfig(**small(tokenizer, logits_scaling=8.0)), t.GraniteForCausalLM
-    elif kind == "gemma2":
-        config, cls = t.Gemma2Config(**small(tokenizer, head_dim=16, final_logit_softcapping=0.5)), t.Gemma2ForCausalLM
-    elif kind == "cohere":
-        config, cls = t.CohereConfig(**small(tokenizer, logit_scale=0.25)), t.CohereForCausalLM
-    elif kind == "phi":  # its head has a bias
-        config, cls = t.PhiConfig(**small(tokenizer)), t.PhiForCausalLM
-    elif kind == "falcon_h1":
-        config = t.FalconH1Config(**small(tokenizer, lm_head_multiplier=0.5, mamba_d_ssm=64, mamba_n_heads=4,
-                                          mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16))
-        cls = t.FalconH1ForCausalLM
-    elif kind == "gpt2":
-        config = t.GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512)
-        cls = t.GPT2LMHeadModel
-    elif kind == "gemma3":  # multimodal: no top-level vocab_size or eos_token_id
-        config = t.Gemma3Config(text_config=small(tokenizer, head_dim=16, **fields), mm_tokens_per_image=4,
-                                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=32, patch_size=16))
-        cls = t.Gemma3ForConditionalGeneration
-    torch.manual_seed(0)
-    model = cls(config)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(4)
-        if model.get_output_embeddings().bias is not None:  # initialised to 0
-            model.get_output_embeddings().bias.normal_()
-    model.save_pretrained(path)
-    return str(path)
-
-
-def logprobs_and_naive(path, tmp_path, temperature=0.7):
-    from datasets import Dataset
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = rebel.load_tokenizer(path)
-    pairs = rebel.tokenize_pairs(Dataset.from_list(read_jsonl(write_pairs(tmp_path / "p.jsonl", n=3))), tokenizer,
-                                 "t", len(tokenizer))
-    got = rebel.response_logprobs(model, *rebel.collate(rebel.pair_sequences(pairs)), temperature, 5)
-    naive = torch.stack([naive_logprob(model, p["prompt_ids"], p[k], temperature)
-                         for k in ("chosen_ids", "rejected_ids") for p in pairs])
-    return got.detach(), naive.detach()
-
-
-SHORT_RUN = dict(total_episodes=8, batch_size=8, eval_size=0, save_final=False)
-
-
 class TestHeads:
     @pytest.mark.parametrize("kind", ["granite", "gemma2", "cohere", "falcon_h1", "phi"])
     def test_head_scaling_softcap_and_bias_are_in_the_logprobs(self, kind, tmp_path):
@@ -3354,14 +3660,6 @@ class TestHeads:
         model = make_arch(tmp_path / "gpt2", "gpt2")
         with pytest.raises(SystemExit, match=r"error: .*GPT2LMHeadModel's decoder has no \.layers"):
             train(model, write_pairs(tmp_path / "train.jsonl", n=16), tmp_path / "run", **SHORT_RUN)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("finished")
-    data = write_pairs(folder / "p.jsonl", n=16)
-    run = train(tiny_model, data, folder / "run", total_episodes=8, batch_size=8, eval_size=0)
-    return data, run
 
 
 class TestResume:
@@ -3408,27 +3706,6 @@ class TestSampledIds:
         with pytest.raises(SystemExit, match=r"every row was dropped \(sampled by another model: its files differ "
                                              r"from --model's"):
             train(other, pairs, tmp_path / "run", total_episodes=2, batch_size=2, eval_size=0, save_final=False)
-
-
-GSM8K_REWARD = '''
-import sys
-
-def correct(prompt, response, answer):
-    """A verifiable reward: 1 when the response ends with the gold answer's final number."""
-    return float(response.strip().endswith(answer.split("#### ")[-1]))
-
-def exits(prompt, response):
-    if prompt[0]["content"] == "p1":
-        sys.exit(3)
-    return 1.0
-
-def edits(prompt, response):
-    prompt[0]["content"] = "edited"
-    return float(len(response))
-
-def everything(prompt, response, **columns):
-    return float(len(columns) + len(response))
-'''
 
 
 class TestRewardFunctions:
@@ -3584,25 +3861,6 @@ class TestOneLineErrors:
         out = " ".join(capsys.readouterr().out.split())
         assert "--no_activation_checkpointing, --no-activation-checkpointing turn --activation_checkpointing off" in out
         assert "--no_save_final, --no-save-final turn --save_final off" in out
-
-
-UINT64_MAX = 18446744073709551615  # a uint64 hash: past int64, not a float
-
-
-def pair_rows(tmp_path, n=12, name="good.jsonl"):
-    return read_jsonl(write_pairs(tmp_path / name, n=n))
-
-
-def trained_rows(out):
-    return sorted(r["index"] for r in read_jsonl(os.path.join(out, "ref_logprobs.jsonl")))
-
-
-def plain_parquet(path, rows):
-    """A parquet file whose size depends on the bytes of its values, not on their order."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    pq.write_table(pa.Table.from_pylist(rows), str(path), compression="none", use_dictionary=False)
-    return str(path)
 
 
 class TestDataFiles:
@@ -3790,247 +4048,6 @@ class TestDataFiles:
         data = datasets.Dataset.from_dict({"prompt": ["hi", 7]}, features=features)
         with pytest.raises(SystemExit, match=r"hub: column 'prompt' mixes strings and integers, which datasets reads"):
             rebel.check_prompt_column(data, "prompt", "hub")
-
-
-# openbmb/Eurus-RM-7b's remote code (modeling_eurus_rm.py), retyped: its class, attribute names and forward. The
-# import appends to $EURUS_MARKER, so that a test sees whether this file ran.
-EURUS_REMOTE_CODE = '''
-import os
-from typing import List, Optional
-
-import torch
-import torch.nn as nn
-from transformers import MistralConfig, MistralModel, PreTrainedModel
-
-if os.environ.get("EURUS_MARKER"):
-    with open(os.environ["EURUS_MARKER"], "a") as f:
-        f.write("modeling_eurus_rm.py ran\\n")
-
-
-class EurusRewardModel(PreTrainedModel):
-    config_class = MistralConfig
-    _supports_flash_attn_2 = True
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = MistralModel(config)
-        self.regression_head = nn.Linear(self.config.hidden_size, 1, bias=False)
-        self.post_init()  # transformers 5 wants it; the original predates that
-
-    def forward(self, input_ids: torch.LongTensor = None, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.LongTensor] = None,
-                past_key_values: Optional[List[torch.FloatTensor]] = None,
-                inputs_embeds: Optional[torch.FloatTensor] = None, labels: Optional[torch.LongTensor] = None,
-                use_cache: Optional[bool] = None, output_attentions: Optional[bool] = None,
-                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None):
-        transformer_outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                         past_key_values=past_key_values, inputs_embeds=inputs_embeds)
-        hidden_states = transformer_outputs[0]
-        rewards = self.regression_head(hidden_states).squeeze(-1)
-        ends = attention_mask.cumsum(dim=1).argmax(dim=1).view(-1, 1)
-        rewards = torch.gather(rewards, 1, ends)
-        return rewards
-'''
-
-
-class GPTRewardModel(torch.nn.Module):
-    """Starling-RM-7B-alpha's model card class, as REBEL's src/nectar/rebel.py has it: given the causal LM and tokenizer
-    that the card loads from meta-llama/Llama-2-7b-chat-hf. PAD_ID = the last id of tokenizer(unk) (REBEL's [-1]; the
-    card's [0] is the same id for a tokenizer that adds no BOS, as this one)."""
-
-    def __init__(self, model, tokenizer):
-        super().__init__()
-        self.config = model.config
-        self.config.n_embd = self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.n_embd
-        self.model = model
-        self.transformer = model.model
-        self.v_head = torch.nn.Linear(self.config.n_embd, 1, bias=False)
-        self.tokenizer = tokenizer
-        self.tokenizer.pad_token = self.tokenizer.unk_token
-        self.PAD_ID = self.tokenizer(self.tokenizer.pad_token)["input_ids"][-1]
-
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None):
-        bs = input_ids.shape[0]
-        transformer_outputs = self.transformer(input_ids, past_key_values=past_key_values,
-                                               attention_mask=attention_mask, position_ids=position_ids)
-        hidden_states = transformer_outputs[0]
-        scores = []
-        rewards = self.v_head(hidden_states).squeeze(-1)
-        for i in range(bs):
-            c_inds = (input_ids[i] == self.PAD_ID).nonzero()
-            c_ind = c_inds[0].item() if len(c_inds) > 0 else input_ids.shape[1]
-            scores.append(rewards[i, c_ind - 1])
-        return scores
-
-
-def make_llama2_base(path):
-    """A tiny stand-in of meta-llama/Llama-2-7b-chat-hf as Starling-RM's --reward_base: tokenizer (<unk>, <s>, </s>,
-    Llama-2's chat template) and config; no weights (the reward model brings them)."""
-    from transformers import LlamaConfig
-    tokenizer = make_tokenizer(path, family="llama2_sp")
-    tokenizer.unk_token = "<unk>"
-    tokenizer.save_pretrained(path)
-    LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                architectures=["LlamaForCausalLM"]).save_pretrained(path)
-    return path
-
-
-def make_starling(path, base, layout="both", drop=()):
-    """A folder laid out as berkeley-nest/Starling-RM-7B-alpha: README.md and pytorch_model.bin, the state dict of the
-    card's GPTRewardModel on `base` with random weights (v_head of scale 1), no config and no tokenizer. layout: which
-    names the backbone is saved under: both (as state_dict() gives), model (model.model.*) or transformer
-    (transformer.*); model.lm_head.weight is saved in all three. `drop`: names left out."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    os.makedirs(path, exist_ok=True)
-    torch.manual_seed(3)
-    rm = GPTRewardModel(LlamaForCausalLM(LlamaConfig.from_pretrained(base)), AutoTokenizer.from_pretrained(base))
-    torch.nn.init.normal_(rm.v_head.weight, std=1 / 8)
-    skip = {"both": (), "model": ("transformer.",), "transformer": ("model.model.",)}[layout]
-    state_dict = {k: v for k, v in rm.state_dict().items() if not k.startswith(skip) and k not in drop}
-    torch.save(state_dict, os.path.join(path, "pytorch_model.bin"))
-    with open(os.path.join(path, "README.md"), "w") as f:
-        f.write("# Starling-RM-7B-alpha (tiny stand-in)\n")
-    return path
-
-
-def make_eurus(path, drop=(), head_rows=1):
-    """A folder laid out as openbmb/Eurus-RM-7b: a MistralConfig with architectures ["EurusRewardModel"] and an
-    auto_map to modeling_eurus_rm.py (EURUS_REMOTE_CODE), weights model.* + regression_head.weight [head_rows, hidden]
-    (minus `drop`) in model.safetensors, and a Mistral-instruct tokenizer."""
-    from safetensors.torch import save_file
-    from transformers import MistralConfig, MistralModel
-    tokenizer = make_tokenizer(path, family="mistral")
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           architectures=["EurusRewardModel"],
-                           auto_map={"AutoModel": "modeling_eurus_rm.EurusRewardModel"})
-    config.save_pretrained(path)
-    torch.manual_seed(4)
-    weights = {f"model.{k}": v for k, v in MistralModel(config).state_dict().items()}
-    weights["regression_head.weight"] = torch.randn(head_rows, 64) / 8
-    save_file({k: v.contiguous() for k, v in weights.items() if k not in drop}, os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(path, "modeling_eurus_rm.py"), "w") as f:
-        f.write(EURUS_REMOTE_CODE)
-    return path
-
-
-@pytest.fixture(scope="module")
-def llama2_base(tmp_path_factory):
-    return make_llama2_base(str(tmp_path_factory.mktemp("llama2_base")))
-
-
-@pytest.fixture(scope="module")
-def eurus_model(tmp_path_factory):
-    return make_eurus(str(tmp_path_factory.mktemp("eurus_rm")))
-
-
-@pytest.fixture
-def remote_modules(tmp_path, monkeypatch):
-    """Remote code copied under tmp_path (not ~/.cache), and $EURUS_MARKER: the file its import writes to."""
-    import transformers.dynamic_module_utils
-    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-    marker = tmp_path / "remote_code_ran.txt"
-    monkeypatch.setenv("EURUS_MARKER", str(marker))
-    return marker
-
-
-def starling_by_the_authors(rm_path, base, rows, max_length):
-    """Each response's reward as REBEL's src/nectar/rebel.py computes it: GPTRewardModel on the base, its state dict
-    loaded with load_state_dict(..., strict=False); text = " ".join([prompt, response + " </s>"]) with the prompt in
-    Llama-2 chat format (no " </s>" for a response cut at the token limit, which had no end of turn), tokenized without
-    special tokens, cut from the left and padded with unk to max_length, attention mask = ids != pad."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(99)  # other random weights than the checkpoint's: every one must come from it
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    rm = GPTRewardModel(LlamaForCausalLM(LlamaConfig.from_pretrained(base)), tokenizer)
-    rm.load_state_dict(torch.load(os.path.join(rm_path, "pytorch_model.bin"), weights_only=True), strict=False)
-    rm.eval()
-    tokenizer.truncation_side = "left"
-    texts = [" ".join([f"<s>[INST] {row['prompt']} [/INST]", response + ("" if cut else " </s>")])
-             for row in rows for response, cut in zip(row["responses"], row["truncated"])]
-    encoded = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=False,
-                        return_tensors="pt")
-    input_ids = encoded["input_ids"]
-    with torch.no_grad():
-        return [float(r) for r in rm(input_ids=input_ids, attention_mask=input_ids != tokenizer.pad_token_id)]
-
-
-def eurus_by_its_remote_code(path, sequences):
-    """EurusRewardModel (EURUS_REMOTE_CODE, run) on each token list alone, and on all of them right-padded, batched."""
-    from transformers import AutoModel
-    model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
-    width = max(map(len, sequences))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    with torch.no_grad():
-        alone = [float(model(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long)))
-                 for s in sequences]
-        batched = model(input_ids=ids, attention_mask=mask)[:, 0].tolist()
-    return alone, batched
-
-
-def max_difference(a, b):
-    return max(abs(x - y) for x, y in zip(a, b))
-
-
-def code_pickle(path, marker):
-    """A pytorch_model.bin whose unpickling would run code (it would create `marker`)."""
-    class Payload:
-        def __reduce__(self):
-            return (open, (marker, "w"))
-    torch.save({"v_head.weight": Payload()}, path)
-
-
-NO_TOKENIZER = r"no tokenizer files \(tokenizer\.json / tokenizer\.model / tokenizer_config\.json\) in the folder; "
-
-
-REFUSED = r"not in its checkpoint, where {} expects them; refusing to score with random values in their place$"
-
-
-def base_without_tokenizer(t, base):
-    folder = shutil.copytree(base, str(t / "config_only"), ignore=shutil.ignore_patterns("tok*", "spec*", "chat*"))
-    return dict(reward_base=folder)
-
-
-def starling_without(t, base, name, layout="both"):
-    return dict(reward_model=make_starling(str(t / "starling_part"), base, layout=layout, drop=(name,)))
-
-
-def starling_pickle_with_code(t, base):
-    code_pickle(str(t / "starling" / "pytorch_model.bin"), str(t / "pwned"))
-    return {}
-
-
-# (settings over a good Starling-RM folder `starling` and its --reward_base, the one-line error expected)
-BAD_INPUTS = [
-    pytest.param(lambda t, base: dict(reward_base="/nonexistent/Llama-2-7b-chat-hf"),
-                 r"^error: reward model .*starling: " + NO_TOKENIZER + r"a Starling-RM state dict \(no config\.json\) "
-                 r"takes its config and tokenizer from --reward_base, and '/nonexistent/Llama-2-7b-chat-hf' could not "
-                 r"be read: ", id="starling_base_missing"),
-    pytest.param(lambda t, base: dict(reward_base="meta-llama/Llama-2-7b-chat-hf"),
-                 r"^error: reward model .*starling: " + NO_TOKENIZER + r".* from --reward_base, and "
-                 r"'meta-llama/Llama-2-7b-chat-hf' could not be read: OSError: ", id="starling_base_offline"),
-    pytest.param(base_without_tokenizer, r"^error: reward model .*starling: " + NO_TOKENIZER + r".* from "
-                 r"--reward_base, and the folder .*config_only has none either$", id="starling_base_without_tokenizer"),
-    pytest.param(lambda t, base: starling_without(t, base, "v_head.weight"),
-                 r"^error: reward model .*starling_part: v_head\.weight " + REFUSED.format("StarlingRM"),
-                 id="starling_no_v_head"),
-    pytest.param(lambda t, base: starling_without(t, base, "model.model.norm.weight", layout="model"),
-                 r"^error: reward model .*starling_part: norm\.weight " + REFUSED.format("StarlingRM"),
-                 id="starling_backbone_incomplete"),
-    pytest.param(starling_pickle_with_code, r"^error: could not load the reward model .*starling.*: UnpicklingError: ",
-                 id="starling_pickle_with_code"),
-    pytest.param(lambda t, base: dict(reward_model=make_eurus(str(t / "eurus"), drop=("regression_head.weight",))),
-                 r"^error: reward model .*eurus: regression_head\.weight " + REFUSED.format("EurusRM"),
-                 id="eurus_no_head"),
-    pytest.param(lambda t, base: dict(reward_model=make_eurus(str(t / "eurus"), head_rows=2)),
-                 r"^error: reward model .*eurus: regression_head\.weight \(checkpoint \[2, 64\], model \[1, 64\]\) "
-                 + REFUSED.format("EurusRM"), id="eurus_head_resized"),
-]
 
 
 class TestRewardModels:
@@ -4460,14 +4477,6 @@ class TestGPUCheck:
         }
         assert len(report["sections"]["llama_1b"]["training"]) == 4 and "predicted_8b" in report["sections"]["slice_8b"]
         assert "| section | measure |" in open(tmp_path / "out" / "gpu_check.log").read()
-
-
-LAYOUT_FILES = ("rebel.py", "generate.py", "score.py", "eval_gsm8k.py", "test_rebel.py")
-
-
-def source_lines(name):
-    with open(os.path.join(HERE, name)) as f:
-        return f.read().splitlines()
 
 
 class TestLayout:
