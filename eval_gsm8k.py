@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from rebel import (arg, atomic_write, check_config, check_output, compute_dtype, fail, first_line, init_distributed,
-                   load_model_config, load_pretrained, print0, run_script)
+                   load_model_config, load_pretrained, note_pad_outside, print0, run_script)
 
 STOP = ("Question:", "</s>", "<|im_end|>")  # gsm8k.yaml `until`; the tokenizer's end token is appended at run time
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # strict-match filter, first match
@@ -183,11 +183,9 @@ def padding_id(tokenizer, num_embeddings, name):
     """The id that pads prompts on the left: pads are masked, so any id of the embedding serves. The tokenizer's pad,
     else its unk, eos or 0; a pad outside the embedding (REBEL-Llama-3's [PAD] is 128256 of 128,256 rows) is said
     and replaced."""
-    ids = [t for t in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0) if t is not None]
-    if ids[0] >= num_embeddings:
-        print0(f"note: the pad token of {name} (id {ids[0]}) is outside its {num_embeddings}-row embedding; pads are "
-               f"masked, so id {next(t for t in ids if t < num_embeddings)} pads instead")
-    return next(t for t in ids if t < num_embeddings)
+    note_pad_outside(tokenizer, num_embeddings, name)
+    ids = (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0)
+    return next(t for t in ids if t is not None and 0 <= t < num_embeddings)
 
 
 @torch.no_grad()

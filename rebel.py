@@ -477,9 +477,6 @@ def load_pairs(cfg, tokenizer, vocab_size, world):
     sampled = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(train_rows.column_names)
     print0("tokens: " + ("the sampled token ids (columns prompt_ids, chosen_ids, rejected_ids)" if sampled
                          else "the chat template of the texts (no sampled token ids in the data)"))
-    if end_of_turn(tokenizer) is None:
-        print0(f"warning: the chat template of {cfg.model} writes no end-of-turn token after an assistant message: the "
-               "end of a response is learned only where a stop token was sampled (never from text-only pairs)")
     if "temperature" in train_rows.column_names:
         sampled_at = sorted({t for t in train_rows["temperature"] if isinstance(t, (int, float))
                              and t != cfg.temperature})
@@ -517,12 +514,10 @@ def train_split(cfg):
 
 def policy_tokens(model, tokenizer):
     """{stop_ids, model_files} of the policy, which sampled_ids and tokenize_pairs check the pairs against: the tokens
-    that end a sampled response (the chat template's end of turn, the tokenizer's eos, the config's eos ids), and the
-    fingerprint of its files (read by rank 0; a local folder is cheap)."""
-    config = load_model_config(model)
-    listed = getattr(config, "eos_token_id", None) or getattr(config.get_text_config(), "eos_token_id", None)
-    stop_ids = {t for t in (listed if isinstance(listed, list) else [listed]) if isinstance(t, int)}
-    stop_ids |= {t for t in (end_of_turn(tokenizer), tokenizer.eos_token_id) if t is not None}
+    that end a sampled response, generate.py's stop_token_ids (which also warns about a template without an end of
+    turn), and the fingerprint of its files (read by rank 0; a local folder is cheap)."""
+    from generate import stop_token_ids
+    stop_ids = set(stop_token_ids(tokenizer, model, load_model_config(model)))
     return dict(stop_ids=stop_ids, model_files=from_rank0(files_fingerprint(model) if dist.get_rank() == 0 else None))
 
 
